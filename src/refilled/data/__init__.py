@@ -1,0 +1,37 @@
+"""Data layer: dataset readers, class/split selection and an in-memory batch loader."""
+
+from refilled.data.datasets import (
+    DATASET_INFO,
+    DATASET_NAMES,
+    ImageSet,
+    load_cifar100,
+    load_cub200,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_image_folder,
+)
+from refilled.data.loader import Augment, ClassBalancedSampler, TensorLoader, augment_batch, epoch_generator
+from refilled.data.splits import cap_per_class, class_order, class_window, select_classes, stratified_split
+
+__all__ = [
+    "DATASET_INFO",
+    "DATASET_NAMES",
+    "ImageSet",
+    "load_cifar100",
+    "load_cub200",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "Augment",
+    "ClassBalancedSampler",
+    "TensorLoader",
+    "augment_batch",
+    "epoch_generator",
+    "cap_per_class",
+    "class_order",
+    "class_window",
+    "select_classes",
+    "stratified_split",
+]

@@ -1,0 +1,422 @@
+"""Dataset readers. Every reader returns an :class:`ImageSet` of uint8 images (N x C x H x W).
+
+Readers never download anything unless asked (only CIFAR-100 can); a missing or malformed
+dataset raises :class:`~refilled.errors.DatasetNotFoundError` naming the paths looked at and
+how to get the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refilled.errors import ConfigError, DatasetNotFoundError
+
+__all__ = [
+    "ImageSet",
+    "DATASET_INFO",
+    "DATASET_NAMES",
+    "load_fashion_mnist",
+    "load_digits",
+    "load_cifar100",
+    "load_cub200",
+    "load_image_folder",
+    "load_dataset",
+]
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+    class_names: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# Normalisation stats (of images scaled to [0, 1]) and augmentation defaults per dataset.
+DATASET_INFO: dict[str, dict] = {
+    "fashion_mnist": {"mean": (0.2860,), "std": (0.3530,), "flip": True, "pad": 2, "in_chans": 1},
+    "digits": {"mean": (0.3053,), "std": (0.3759,), "flip": False, "pad": 1, "in_chans": 1},
+    "cifar100": {
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+        "flip": True,
+        "pad": 4,
+        "in_chans": 3,
+    },
+    # ImageNet statistics; pad 8 is for the default 84 x 84 size.
+    "cub200": {
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "flip": True,
+        "pad": 8,
+        "in_chans": 3,
+    },
+    # Generic defaults for a user's folder of RGB images (use in_chans 1 with grayscale=True).
+    "image_folder": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "flip": True, "pad": 4, "in_chans": 3},
+}
+
+DATASET_NAMES = ("fashion_mnist", "digits", "cifar100", "cub200", "image_folder")
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def _check_split(split, allowed=("train", "test")) -> str:
+    if split not in allowed:
+        raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(allowed)}")
+    return split
+
+
+def _need_root(root, dataset: str, how: str) -> Path:
+    if root is None:
+        raise DatasetNotFoundError(f"{dataset}: no dataset root given; set data.root=PATH. {how}")
+    return Path(root).expanduser()
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """Read an idx file of unsigned bytes (magic 0x0000 08 <ndim>), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # includes gzip.BadGzipFile and truncated gzip streams
+        raise DatasetNotFoundError(f"could not read idx file {path}: {e}") from e
+    header = 4 + 4 * ndim
+    if len(data) < 4 or data[:4] != bytes((0, 0, 0x08, ndim)):
+        raise DatasetNotFoundError(
+            f"malformed idx file {path}: bad magic number {data[:4].hex() or '(empty)'}, "
+            f"expected 000008{ndim:02x} (unsigned-byte, {ndim}-d)"
+        )
+    if len(data) < header:
+        raise DatasetNotFoundError(f"malformed idx file {path}: truncated header")
+    dims = struct.unpack(">" + "I" * ndim, data[4:header])
+    if len(data) != header + int(np.prod(dims)):
+        raise DatasetNotFoundError(
+            f"malformed idx file {path}: dims {dims} need {int(np.prod(dims))} bytes of data, "
+            f"found {len(data) - header} (truncated or corrupt file)"
+        )
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy())
+
+
+def load_fashion_mnist(root=None, split: str = "train") -> ImageSet:
+    """Official Fashion-MNIST idx files (``train-images-idx3-ubyte[.gz]`` ...) under ``root``."""
+    _check_split(split)
+    root = Path(root or FASHION_MNIST_ROOT).expanduser()
+    prefix = "train" if split == "train" else "t10k"
+    found = []
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        candidates = [root / stem, root / f"{stem}.gz"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST {split} split not found: looked for {candidates[0]} and {candidates[1]}. "
+                "Install it with `sudo apt-get install dataset-fashion-mnist` (files go to "
+                f"{FASHION_MNIST_ROOT}) or point data.root=... at a folder holding the official idx files."
+            )
+        found.append(path)
+    images, labels = _read_idx(found[0], 3), _read_idx(found[1], 1)
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST files disagree: {found[0]} has {images.shape[0]} images, "
+            f"{found[1]} has {labels.shape[0]} labels"
+        )
+    if labels.numel() and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DatasetNotFoundError(f"malformed label file {found[1]}: label {int(labels.max())} > 9")
+    return ImageSet(images.unsqueeze(1), labels.long(), list(FASHION_MNIST_CLASSES), "fashion_mnist")
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.25) -> ImageSet:
+    """scikit-learn's bundled 8x8 digits with a fixed, seeded, stratified train/test split."""
+    _check_split(split)
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    train_idx, test_idx = train_test_split(
+        np.arange(len(d.target)), test_size=test_fraction, stratify=d.target, random_state=seed
+    )
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    return ImageSet(
+        torch.from_numpy(images[idx]).unsqueeze(1),
+        torch.from_numpy(d.target[idx]).long(),
+        [str(i) for i in range(10)],
+        "digits",
+    )
+
+
+# ----------------------------------------------------------------------------- CIFAR-100
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # any unpickling failure means a corrupt file
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {type(e).__name__}: {e}") from e
+
+
+def _download_cifar100(parent: Path) -> None:
+    """Download the official archive into ``parent``, check its md5 and extract it there."""
+    parent.mkdir(parents=True, exist_ok=True)
+    archive = parent / "cifar-100-python.tar.gz.part"
+    md5 = hashlib.md5()
+    try:
+        with urllib.request.urlopen(CIFAR100_URL, timeout=60) as resp, open(archive, "wb") as out:
+            while chunk := resp.read(1 << 20):
+                md5.update(chunk)
+                out.write(chunk)
+    except OSError as e:
+        archive.unlink(missing_ok=True)
+        raise DatasetNotFoundError(f"downloading {CIFAR100_URL} failed: {e}") from e
+    if md5.hexdigest() != CIFAR100_MD5:
+        archive.unlink(missing_ok=True)
+        raise DatasetNotFoundError(
+            f"download of {CIFAR100_URL} is corrupt: md5 {md5.hexdigest()} != {CIFAR100_MD5}"
+        )
+    # Extract into a temporary folder next to the target, then move the result into place,
+    # so an interrupted extraction never leaves a half-filled cifar-100-python/.
+    with tempfile.TemporaryDirectory(dir=parent) as tmp, tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            if not (member.isfile() or member.isdir()) or not member.name.startswith("cifar-100-python"):
+                raise DatasetNotFoundError(f"unexpected member {member.name!r} in {CIFAR100_URL}")
+            if ".." in Path(member.name).parts:
+                raise DatasetNotFoundError(f"unsafe path {member.name!r} in {CIFAR100_URL}")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and patched older releases)
+            tar.extractall(tmp, filter="data")
+        else:
+            tar.extractall(tmp)
+        target = parent / "cifar-100-python"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(Path(tmp) / "cifar-100-python", target)
+    archive.unlink()
+
+
+def load_cifar100(root, split: str = "train", download: bool = False) -> ImageSet:
+    """Official python-pickle CIFAR-100 (``cifar-100-python/{train,test,meta}``), fine labels.
+
+    ``root`` may be the ``cifar-100-python`` folder or its parent.
+    """
+    _check_split(split)
+    how = (
+        f"Download and extract {CIFAR100_URL} (or pass download=True) and point data.root=... "
+        "at the cifar-100-python folder or its parent."
+    )
+    root = _need_root(root, "CIFAR-100", how)
+    candidates = [root, root / "cifar-100-python"]
+    folder = next((c for c in candidates if (c / split).is_file() and (c / "meta").is_file()), None)
+    if folder is None and download:
+        parent = root.parent if root.name == "cifar-100-python" else root
+        _download_cifar100(parent)
+        folder = parent / "cifar-100-python"
+    if folder is None:
+        looked = ", ".join(str(c / f) for c in candidates for f in (split, "meta"))
+        raise DatasetNotFoundError(f"CIFAR-100 {split} split not found: looked for {looked}. {how}")
+
+    data, meta = _unpickle(folder / split), _unpickle(folder / "meta")
+    try:
+        pixels = np.asarray(data[b"data"], dtype=np.uint8)
+        labels = np.asarray(data[b"fine_labels"], dtype=np.int64)
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"fine_label_names"]]
+        images = pixels.reshape(-1, 3, 32, 32)  # rows are R, G, B planes of 32 x 32, row-major
+    except (KeyError, ValueError, TypeError) as e:
+        raise DatasetNotFoundError(f"malformed CIFAR-100 files in {folder}: {type(e).__name__}: {e}") from e
+    if len(images) != len(labels):
+        raise DatasetNotFoundError(
+            f"malformed CIFAR-100 file {folder / split}: {len(images)} images but {len(labels)} labels"
+        )
+    return ImageSet(torch.from_numpy(images.copy()), torch.from_numpy(labels), names, "cifar100")
+
+
+# ----------------------------------------------------------------------------- CUB-200-2011
+
+
+def _read_table(path: Path) -> list[tuple[str, str]]:
+    """Rows ``<id> <value>`` of a CUB metadata file."""
+    rows = []
+    try:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                parts = line.split(maxsplit=1)
+                if len(parts) != 2:
+                    raise DatasetNotFoundError(f"malformed CUB file {path}, line {n}: {line!r}")
+                rows.append((parts[0], parts[1].strip()))
+    except OSError as e:
+        raise DatasetNotFoundError(f"could not read CUB file {path}: {e}") from e
+    return rows
+
+
+def _load_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except OSError as e:
+        raise DatasetNotFoundError(f"could not read image {path}: {e}") from e
+    return arr[None] if grayscale else arr.transpose(2, 0, 1)
+
+
+def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None) -> ImageSet:
+    """Official CUB_200_2011 layout, images resized to ``image_size`` and cached as a ``.pt`` file.
+
+    ``root`` may be the ``CUB_200_2011`` folder or its parent. The cache (default
+    ``<CUB_200_2011>/.refilled_cache/``) is keyed by the metadata files, the split and the size.
+    """
+    _check_split(split)
+    how = (
+        "Download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/, "
+        "extract it and point data.root=... at the CUB_200_2011 folder or its parent."
+    )
+    root = _need_root(root, "CUB-200-2011", how)
+    files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+    candidates = [root, root / "CUB_200_2011"]
+    base = next((c for c in candidates if all((c / f).is_file() for f in files)), None)
+    if base is None:
+        looked = ", ".join(str(c / f) for c in candidates for f in files)
+        raise DatasetNotFoundError(f"CUB-200-2011 not found: looked for {looked}. {how}")
+
+    key = hashlib.sha1(f"{split}:{image_size}".encode())
+    for f in files:
+        key.update((base / f).read_bytes())
+    cache_dir = Path(cache_dir) if cache_dir is not None else base / ".refilled_cache"
+    cache = cache_dir / f"cub200_{split}_{image_size}px_{key.hexdigest()[:12]}.pt"
+    if cache.is_file():
+        try:
+            d = torch.load(cache, weights_only=True)
+            return ImageSet(d["images"], d["labels"], list(d["class_names"]), "cub200")
+        except Exception:  # unreadable cache: rebuild it below
+            pass
+
+    paths = dict(_read_table(base / "images.txt"))
+    try:
+        class_of = {i: int(c) - 1 for i, c in _read_table(base / "image_class_labels.txt")}  # 1-based
+        is_train = {i: int(t) == 1 for i, t in _read_table(base / "train_test_split.txt")}
+        classes = sorted((int(i), name) for i, name in _read_table(base / "classes.txt"))
+    except ValueError as e:
+        raise DatasetNotFoundError(f"malformed CUB metadata in {base}: {e}") from e
+    class_names = [name for _, name in classes]
+    try:
+        ids = [i for i in paths if is_train[i] == (split == "train")]
+        labels = torch.tensor([class_of[i] for i in ids], dtype=torch.int64)
+    except KeyError as e:
+        raise DatasetNotFoundError(f"CUB metadata in {base} disagree: image id {e} missing") from e
+    images = np.stack([_load_image(base / "images" / paths[i], image_size) for i in ids]) if ids else (
+        np.zeros((0, 3, image_size, image_size), np.uint8)
+    )
+    out = ImageSet(torch.from_numpy(images), labels, class_names, "cub200")
+
+    # Write atomically (temp file + os.replace) so a crash never leaves a half-written cache.
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"images": out.images, "labels": out.labels, "class_names": class_names}, f)
+        os.replace(tmp, cache)
+    except OSError:  # read-only dataset folder: work without a cache
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False) -> ImageSet:
+    """``root/<class>/<image>`` (or ``root/{train,test}/<class>/<image>``, chosen by ``split``).
+
+    Class names are sorted folder names; with train/test folders, the classes of both are
+    merged so the labels agree between splits. Without them, ``split`` may be None or "train".
+    """
+    how = "Point data.root=... at a folder holding one sub-folder of images per class."
+    root = _need_root(root, "image folder", how)
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    if has_splits:
+        split = _check_split(split or "train")
+        class_names = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
+        folder = root / split
+    else:
+        if split not in (None, "train"):
+            raise DatasetNotFoundError(
+                f"image folder: split {split!r} requested but {root / 'train'} and {root / 'test'} "
+                f"do not both exist. {how}"
+            )
+        folder = root
+        class_names = _class_dirs(root) if root.is_dir() else []
+    if not class_names:
+        raise DatasetNotFoundError(f"image folder: no class folders found in {folder}. {how}")
+
+    arrays, labels = [], []
+    for label, name in enumerate(class_names):
+        cdir = folder / name
+        if not cdir.is_dir():
+            continue
+        for p in sorted(cdir.iterdir()):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                arrays.append(_load_image(p, image_size, grayscale))
+                labels.append(label)
+    if not arrays:
+        raise DatasetNotFoundError(f"image folder: no images found under {folder}. {how}")
+    return ImageSet(
+        torch.from_numpy(np.stack(arrays)),
+        torch.tensor(labels, dtype=torch.int64),
+        class_names,
+        "image_folder",
+    )
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def load_dataset(name: str, root=None, split: str = "train", **kw) -> ImageSet:
+    """Load dataset ``name`` (one of :data:`DATASET_NAMES`); extra keywords go to its reader."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(root, split, **kw)
+    if name == "digits":  # bundled with scikit-learn: root is ignored
+        return load_digits(split, **kw)
+    if name == "cifar100":
+        return load_cifar100(root, split, **kw)
+    if name == "cub200":
+        return load_cub200(root, split, **kw)
+    if name == "image_folder":
+        return load_image_folder(root, split, **kw)
+    raise ConfigError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")

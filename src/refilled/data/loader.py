@@ -1,0 +1,202 @@
+"""An in-memory batch loader with vectorised augmentation and a class-balanced batch sampler.
+
+The whole dataset lives as one uint8 tensor on the target device; batches are gathered by
+index, converted to float, augmented and normalised there. All randomness of an epoch comes
+from one CPU ``torch.Generator`` seeded by (seed, epoch), so resuming at epoch ``e`` (via
+``set_epoch(e)``) reproduces exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from refilled.errors import ConfigError
+
+__all__ = ["augment_batch", "Augment", "TensorLoader", "ClassBalancedSampler", "epoch_generator"]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator that depends on both ``seed`` and ``epoch`` (no overlap for epochs < 2**20)."""
+    return torch.Generator().manual_seed((int(seed) << 20) + int(epoch))
+
+
+def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random zero-pad-and-crop (per-sample offsets) and random horizontal flip of a float batch.
+
+    Random draws, in this order, from the CPU ``generator``: if ``pad > 0``, row offsets then
+    column offsets (``torch.randint(0, 2*pad+1, (B,))`` each); if ``flip``, ``torch.rand(B) < 0.5``.
+    """
+    b, _, h, w = x.shape
+    if pad <= 0 and not flip:
+        return x
+    rows = torch.arange(h).expand(b, h)
+    cols = torch.arange(w).expand(b, w)
+    if pad > 0:
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        rows = rows + oy[:, None]
+        cols = cols + ox[:, None]
+        x = F.pad(x, (pad, pad, pad, pad))  # pad once; crops are gathered by index below
+    if flip:
+        flipped = torch.rand(b, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    # Gather rows, then columns: out[i, c, r, q] = x[i, c, rows[i, r], cols[i, q]].
+    x = x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
+
+
+class Augment:
+    """Callable ``(batch, generator) -> batch`` applying :func:`augment_batch`."""
+
+    def __init__(self, pad: int = 0, flip: bool = False):
+        self.pad, self.flip = int(pad), bool(flip)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return augment_batch(x, self.pad, self.flip, generator)
+
+    def __repr__(self) -> str:
+        return f"Augment(pad={self.pad}, flip={self.flip})"
+
+
+class ClassBalancedSampler:
+    """Batches of ``batch_size // m_per_class`` distinct classes with ``m_per_class`` samples each.
+
+    Every batch therefore holds positive pairs for metric-learning losses. We do not use
+    pytorch-metric-learning's MPerClassSampler because it draws from the global numpy RNG,
+    which breaks exact resume; here each epoch is a pure function of (seed, epoch).
+
+    Classes of a batch are drawn uniformly without replacement. Within a class, samples are
+    taken in turn from a per-epoch random permutation of that class, cycling through it; so
+    a batch repeats a sample only when its class has fewer than ``m_per_class`` samples.
+    ``len()`` is ``N // batch_size`` batches per epoch (at least one).
+    """
+
+    def __init__(self, labels: torch.Tensor, m_per_class: int, batch_size: int, seed: int = 0):
+        labels = torch.as_tensor(labels).long().cpu()
+        if m_per_class < 1 or batch_size % m_per_class != 0:
+            raise ConfigError(
+                f"ClassBalancedSampler: batch_size={batch_size} must be a multiple of m_per_class={m_per_class}"
+            )
+        self.classes, self.inverse = torch.unique(labels, return_inverse=True)
+        self.m, self.batch_size, self.seed = int(m_per_class), int(batch_size), int(seed)
+        self.classes_per_batch = batch_size // m_per_class
+        if self.classes_per_batch < 2 or self.classes_per_batch > len(self.classes):
+            raise ConfigError(
+                f"ClassBalancedSampler: batch_size={batch_size} with m_per_class={m_per_class} holds "
+                f"{self.classes_per_batch} classes per batch; need at least 2 and at most the "
+                f"{len(self.classes)} classes present"
+            )
+        self.counts = torch.bincount(self.inverse)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.num_batches = max(1, len(labels) // batch_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by the next iteration (each iteration then advances it by one)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batches(self, generator: torch.Generator) -> torch.Tensor:
+        """All batches of one epoch as a (num_batches, batch_size) index tensor."""
+        n, c, k = len(self.inverse), len(self.classes), self.classes_per_batch
+        # Samples grouped by class, in random order within each class.
+        perm = torch.randperm(n, generator=generator)
+        grouped = perm[torch.sort(self.inverse[perm], stable=True).indices]
+        # Distinct classes per batch: the first k of a random permutation of the classes.
+        chosen = torch.rand(self.num_batches, c, generator=generator).argsort(1)[:, :k].reshape(-1)
+        # How many times each chosen class was chosen before (in batch order) -> its turn.
+        order = torch.sort(chosen, stable=True).indices
+        first = torch.cumsum(torch.bincount(chosen, minlength=c), 0) - torch.bincount(chosen, minlength=c)
+        turn = torch.empty_like(chosen)
+        turn[order] = torch.arange(len(chosen)) - first[chosen[order]]
+        # The turn-th block of m consecutive samples of the class's cyclic permutation.
+        offsets = (turn[:, None] * self.m + torch.arange(self.m)) % self.counts[chosen][:, None]
+        idx = grouped[self.starts[chosen][:, None] + offsets]
+        return idx.reshape(self.num_batches, self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        yield from self.batches(epoch_generator(self.seed, epoch))
+
+
+class TensorLoader:
+    """Batches ``(normalised float images, int64 labels)`` from tensors held on ``device``.
+
+    Each iteration uses the current epoch (``set_epoch``) and then advances it by one, so
+    ``set_epoch(e)`` before iterating reproduces epoch ``e`` exactly. With ``sampler`` (e.g.
+    :class:`ClassBalancedSampler`) the sampler decides the batches; ``shuffle``/``drop_last``
+    are then unused.
+    """
+
+    def __init__(
+        self,
+        images_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        augment=None,
+        mean,
+        std,
+        device="cpu",
+        seed: int = 0,
+        sampler=None,
+    ):
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+            raise ConfigError("TensorLoader: images must be a uint8 tensor N x C x H x W")
+        if len(images_uint8) != len(labels):
+            raise ConfigError(f"TensorLoader: {len(images_uint8)} images but {len(labels)} labels")
+        if sampler is not None and getattr(sampler, "batch_size", batch_size) != batch_size:
+            raise ConfigError(
+                f"TensorLoader: batch_size={batch_size} differs from the sampler's {sampler.batch_size}"
+            )
+        if batch_size < 1 or (sampler is None and drop_last and batch_size > len(labels)):
+            raise ConfigError(
+                f"TensorLoader: batch_size={batch_size} with drop_last gives no batch from {len(labels)} samples"
+            )
+        self.device = torch.device(device)
+        self.images = images_uint8.to(self.device).contiguous()
+        self.labels = torch.as_tensor(labels).long().to(self.device)
+        c = self.images.shape[1]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+        if self.mean.shape[1] not in (1, c) or self.std.shape[1] not in (1, c):
+            raise ConfigError(f"TensorLoader: mean/std need 1 or {c} values for {c}-channel images")
+        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
+        self.augment, self.seed, self.sampler = augment, int(seed), sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.sampler is not None:
+            return len(self.sampler)
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _batch_indices(self, generator: torch.Generator, epoch: int):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            return iter(self.sampler)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        return (order[i : i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        gen = epoch_generator(self.seed, epoch)  # shuffling and augmentation of this epoch
+        for idx in self._batch_indices(gen, epoch):
+            idx = idx.to(self.device)
+            x = self.images[idx].float().div_(255.0)
+            if self.augment is not None:
+                x = self.augment(x, gen)  # pads with 0 = black, before normalisation
+            yield (x - self.mean) / self.std, self.labels[idx]
