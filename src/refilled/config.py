@@ -113,6 +113,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"
     name: str | None = None  # run directory name inside out_dir (None: derived from the config)
+    arm: str | None = None  # label of this run's arm in reports (None: the method's name)
     eval_every: int = 1  # epochs between validation evaluations
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)

@@ -70,7 +70,7 @@ def _graph_zero(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum() * 0.0
 
 
-def relation_matching_loss(
+def relation_matching_terms(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,
     labels: torch.Tensor,
@@ -79,7 +79,7 @@ def relation_matching_loss(
     margin: float = 0.2,
     mode: str = "tuple",
     scale: float = 1000.0,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1 of REFILLED: match the teacher's and the student's tuple distributions.
 
     Tuples are mined on the student's normalised embedding (:mod:`refilled.mining`). For each
@@ -93,6 +93,10 @@ def relation_matching_loss(
         student_emb: (B, D) raw student embeddings (gradient flows through them).
         teacher_emb: (B, D_T) raw teacher embeddings of the same batch (treated as constant).
         labels: (B,) labels in the student's label space.
+
+    Returns:
+        ``(loss, num_tuples)``: the scalar loss and the number of mined tuples (``"tuple"``)
+        or triplets (``"triplet"``) as a 0-d tensor on the input's device.
     """
     if mode not in RELATION_MODES:
         raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
@@ -109,12 +113,13 @@ def relation_matching_loss(
     if mode == "tuple":
         # Rows without a negative contribute exactly 0 and are left out of the count; with no
         # tuple at all the sum is an exact, graph-connected 0 (and the host never syncs).
-        num_tuples = neg_mask.amax(dim=1).sum().clamp_min(1)
-        loss = _tuple_kl(d_s, d_t, anchor, positive, neg_mask, tau).sum() / num_tuples
+        num_tuples = neg_mask.amax(dim=1).sum()
+        loss = _tuple_kl(d_s, d_t, anchor, positive, neg_mask, tau).sum() / num_tuples.clamp_min(1)
     else:
         t_idx, n_idx = neg_mask.nonzero(as_tuple=True)
+        num_tuples = torch.tensor(t_idx.numel(), device=d_s.device)
         if t_idx.numel() == 0:
-            return _graph_zero(d_s)
+            return _graph_zero(d_s), num_tuples
         a, p = anchor[t_idx], positive[t_idx]
         x_s = (d_s[a, n_idx] - d_s[a, p]) / tau
         x_t = (d_t[a, n_idx] - d_t[a, p]) / tau
@@ -124,7 +129,23 @@ def relation_matching_loss(
             F.logsigmoid(-x_t) - F.logsigmoid(-x_s)
         )
         loss = kl.mean()
-    return scale * loss
+    return scale * loss, num_tuples
+
+
+def relation_matching_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tau: float = 4.0,
+    margin: float = 0.2,
+    mode: str = "tuple",
+    scale: float = 1000.0,
+) -> torch.Tensor:
+    """Stage 1 of REFILLED (SPEC §2); the loss of :func:`relation_matching_terms`."""
+    return relation_matching_terms(
+        student_emb, teacher_emb, labels, tau=tau, margin=margin, mode=mode, scale=scale
+    )[0]
 
 
 def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""REFILLED's two stages as methods (SPEC §2-3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refilled.config import Stage1Config, Stage2Config
+from refilled.losses import (
+    local_centers,
+    local_classifier_loss,
+    relation_matching_terms,
+    teacher_instance_weights,
+)
+from refilled.methods.base import FrozenTeacher, Method
+
+
+class RelationMatching(Method):
+    """Stage 1: match the teacher's tuple distributions on the student's embedding.
+
+    Only the backbone trains; the classifier is untouched (and replaced before stage 2).
+    """
+
+    def __init__(self, student, teacher: FrozenTeacher, cfg: Stage1Config):
+        super().__init__(student)
+        self.teacher, self.cfg = teacher, cfg
+
+    def parameters_to_train(self) -> Iterator[nn.Parameter]:
+        head = {id(p) for p in self.student.head.parameters()}
+        return (p for p in self.student.parameters() if p.requires_grad and id(p) not in head)
+
+    def step(self, x, y, epoch):
+        t_emb, _ = self.teacher(x)
+        loss, num_tuples = relation_matching_terms(
+            self.student.forward_features(x), t_emb, y,
+            tau=self.cfg.tau, margin=self.cfg.margin, mode=self.cfg.mode, scale=self.cfg.scale,
+        )
+        empty = (num_tuples == 0).float()
+        return {"relation": loss, "_tuples": num_tuples.float(), "_empty_batches": empty}
+
+
+class LocalClassifierDistillation(Method):
+    """Stage 2: CE + lambda * w_i * KL(teacher's embedding-induced local classifier || student).
+
+    ``centers`` are the teacher's class centres of the student's classes (global variant);
+    ``None`` with ``cfg.centers == "local"`` computes them inside each batch (CVPR).
+    """
+
+    def __init__(self, student, teacher: FrozenTeacher, cfg: Stage2Config, centers=None):
+        super().__init__(student)
+        self.teacher, self.cfg = teacher, cfg
+        if cfg.centers == "global" and centers is None:
+            raise ValueError("global centres must be computed before stage 2")
+        self.register_buffer("centers", centers, persistent=False)
+
+    def lam(self, epoch: int) -> float:
+        return self.cfg.lam * math.exp(-self.cfg.lam_decay * epoch)
+
+    def step(self, x, y, epoch):
+        t_emb, t_logits = self.teacher(x)
+        logits = self.student(x)
+        num_classes = logits.shape[1]
+        centers = self.centers if self.cfg.centers == "global" else local_centers(t_emb, y, num_classes)
+        weights = teacher_instance_weights(t_logits) if self.cfg.weighting else None
+        distill = local_classifier_loss(
+            logits, t_emb, y, centers,
+            tau_teacher=self.cfg.tau_teacher, tau_student=self.cfg.tau_student,
+            weights=weights, normalize_teacher=self.cfg.normalize_teacher,
+        )
+        return {"ce": F.cross_entropy(logits, y), "distill": self.lam(epoch) * distill}
+

@@ -1,0 +1,383 @@
+"""Experiments: config -> class windows and splits -> teacher -> stages -> one test evaluation.
+
+Data flows one way. The test split is touched once, after training, for the reported figures;
+everything selected during training (nothing, by default: the last epoch is reported) may only
+look at the validation split carved from the training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from refilled.config import Config, ConfigError, dump_yaml, make_config, to_dict
+from refilled.data import (
+    DATASET_INFO,
+    Augment,
+    ClassBalancedSampler,
+    TensorLoader,
+    cap_per_class,
+    class_order,
+    class_window,
+    load_dataset,
+    select_classes,
+    stratified_split,
+)
+from refilled.engine import (
+    accuracy,
+    atomic_torch_save,
+    atomic_write_text,
+    load_checkpoint,
+    ncm_eval,
+    predict,
+    resolve_device,
+    seed_everything,
+    train_stage,
+    write_metrics_csv,
+)
+from refilled.errors import UserError
+from refilled.methods import CrossEntropy, FrozenTeacher, LocalClassifierDistillation, RelationMatching
+from refilled.models import create_model
+from refilled.ncm import class_centers
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8 N x C x H x W
+    labels: torch.Tensor  # int64 N, remapped to 0..num_classes-1
+
+
+@dataclass(frozen=True)
+class Task:
+    """One side's view of the data: its class window and its train / val / test splits."""
+
+    train: Split
+    val: Split
+    test: Split
+    classes: tuple[int, ...]  # original class ids, in label order
+    class_names: tuple[str, ...]
+    info: dict  # mean, std, pad, flip, in_chans
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, root: str | None, split: str, image_size: int | None):
+    kwargs = {"image_size": image_size} if image_size and name in ("cub200", "image_folder") else {}
+    return load_dataset(name, root=root, split=split, **kwargs)
+
+
+def build_task(cfg: Config, role: str) -> Task:
+    """The teacher's (order[0:n]) or the student's (order[s:s+n_s]) classes and splits."""
+    d = cfg.data
+    train_set = _load(d.name, d.root, "train", d.image_size)
+    test_set = _load(d.name, d.root, "test", d.image_size)
+    order = class_order(train_set.num_classes, d.class_order_seed)
+    if role == "teacher":
+        classes, cap = class_window(order, d.teacher_classes, 0), d.teacher_train_per_class
+    else:
+        n = d.student_classes or d.teacher_classes
+        classes, cap = class_window(order, n, d.student_offset), d.train_per_class
+    x, y = select_classes(train_set.images, train_set.labels, classes)
+    test = Split(*select_classes(test_set.images, test_set.labels, classes))
+    if d.val_per_class:
+        train_idx, val_idx = stratified_split(y, val_per_class=d.val_per_class, seed=d.split_seed)
+    else:
+        train_idx, val_idx = torch.arange(len(y)), torch.zeros(0, dtype=torch.long)
+    if cap is not None:
+        train_idx = train_idx[cap_per_class(y[train_idx], cap, seed=d.split_seed)]
+    info = DATASET_INFO.get(d.name, DATASET_INFO["image_folder"])
+    return Task(
+        train=Split(x[train_idx], y[train_idx]),
+        val=Split(x[val_idx], y[val_idx]),
+        test=test,
+        classes=tuple(classes),
+        class_names=tuple(train_set.class_names[c] for c in classes),
+        info={**info, "in_chans": int(x.shape[1])},
+    )
+
+
+def protocol_name(cfg: Config) -> str:
+    n_t = cfg.data.teacher_classes
+    n_s = cfg.data.student_classes or n_t
+    s = cfg.data.student_offset
+    if s == 0 and n_s == n_t:
+        return "standard"
+    return "cross_task" if s >= n_t else "partial_overlap"
+
+
+def make_loader(task: Task, split: Split, optim, *, seed: int, device, train: bool = True):
+    info = task.info
+    sampler = None
+    if train and optim.m_per_class:
+        sampler = ClassBalancedSampler(split.labels, optim.m_per_class, optim.batch_size, seed=seed)
+    batch = min(optim.batch_size, len(split.labels)) if sampler is None else optim.batch_size
+    return TensorLoader(
+        split.images, split.labels, batch, shuffle=train, drop_last=train,
+        augment=Augment(info["pad"], info["flip"]) if train else None,
+        mean=info["mean"], std=info["std"], device=device, seed=seed, sampler=sampler,
+    )
+
+
+# ------------------------------------------------------------------ run directories
+
+
+def _digest(tree) -> str:
+    return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def config_digest(cfg: Config) -> str:
+    """What defines a run's result (not where it is written, nor how it is displayed)."""
+    tree = to_dict(cfg)
+    for key in ("out_dir", "name", "arm", "progress", "device", "eval_every"):
+        tree.pop(key)
+    return _digest(tree)
+
+
+def run_name(cfg: Config) -> str:
+    """The one function that names run directories."""
+    if cfg.name:
+        return cfg.name
+    init = "-randteacher" if cfg.method != "ce" and cfg.teacher.init == "random" else ""
+    return f"{cfg.data.name}-{cfg.method}{init}-{cfg.student.arch}-{config_digest(cfg)}-seed{cfg.seed}"
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The config of the run that trains ``cfg``'s teacher (shared by every student run)."""
+    t = cfg.teacher
+    data = dataclasses.replace(cfg.data, student_offset=0, student_classes=None,
+                               train_per_class=cfg.data.teacher_train_per_class)
+    base = dataclasses.replace(
+        cfg, method="ce", seed=t.seed, name=None, data=data, train=t.optim,
+        student=dataclasses.replace(cfg.student, arch=t.arch, kwargs=t.kwargs),
+    )
+    # Only what shapes the teacher enters its name, so student settings never retrain it.
+    tree = to_dict(base)
+    keep = {k: tree[k] for k in ("seed", "data", "train")}
+    keep["arch"], keep["kwargs"] = t.arch, t.kwargs
+    name = f"teacher-{cfg.data.name}-{t.arch}-{_digest(keep)}-seed{t.seed}"
+    return dataclasses.replace(base, name=name)
+
+
+def _prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.out_dir) / run_name(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the run directory '{run_dir}' ({err.strerror}); "
+                        "choose another out_dir") from None
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text()) or {}
+        try:
+            same = config_digest(make_config(old)) == config_digest(cfg)
+        except ConfigError:
+            same = False
+        if not same:
+            raise UserError(
+                f"run directory '{run_dir}' holds a run with a different configuration; "
+                "give this run another name= or out_dir=, or delete that directory"
+            )
+    else:
+        atomic_write_text(saved, dump_yaml(cfg))
+    return run_dir
+
+
+# ------------------------------------------------------------------ models and teachers
+
+
+def save_model(path: Path, model, arch: str, kwargs: dict, extra: dict) -> None:
+    """A checkpoint that describes itself: architecture, sizes, weights and what it scored."""
+    atomic_torch_save(
+        {"arch": arch, "kwargs": kwargs, "num_classes": model.num_classes,
+         "in_chans": extra.pop("in_chans"), "num_features": model.num_features,
+         "state_dict": model.state_dict(), **extra},
+        path,
+    )
+
+
+def load_model(path: str | Path, device, *, expect_arch: str | None = None,
+               expect_classes: int | None = None, expect_in_chans: int | None = None):
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint '{path}' does not exist; train one with "
+                        "`refilled run` (it writes model.pt) or leave teacher.checkpoint unset")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
+        raise UserError(f"'{path}' is not a refilled model checkpoint (no arch/state_dict inside)")
+    for what, want, have in (("architecture", expect_arch, ckpt["arch"]),
+                             ("number of classes", expect_classes, ckpt["num_classes"]),
+                             ("number of input channels", expect_in_chans, ckpt["in_chans"])):
+        if want is not None and want != have:
+            raise UserError(f"teacher checkpoint '{path}' has {what} {have!r}, but the config "
+                            f"asks for {want!r}; fix teacher.* / data.* or use another checkpoint")
+    model = create_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"], **ckpt["kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"teacher checkpoint '{path}' does not fit {ckpt['arch']}: {err}") from None
+    return model.to(device), ckpt
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model, task: Task, device, max_images: int = 4096) -> None:
+    """Set BN running statistics of an untrained model to its data's statistics (no training)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    info = task.info
+    mean = torch.as_tensor(info["mean"], device=device).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(info["std"], device=device).reshape(1, -1, 1, 1)
+    images = task.train.images[:max_images]
+    for start in range(0, len(images), 256):
+        x = images[start : start + 256].to(device).float().div_(255.0)
+        model((x - mean) / std)
+    model.eval()
+
+
+def get_teacher(cfg: Config, device, progress: bool) -> tuple[FrozenTeacher, dict]:
+    """The frozen teacher: reused by path, random (control), or trained once and cached."""
+    t = cfg.teacher
+    teacher_task = build_task(cfg, "teacher")
+    in_chans = teacher_task.info["in_chans"]
+    if t.init == "random":
+        torch.manual_seed(t.seed)
+        model = create_model(t.arch, teacher_task.num_classes, in_chans, **t.kwargs).to(device)
+        calibrate_batchnorm(model, teacher_task, device)
+        source = "random"
+    else:
+        path = t.checkpoint
+        if path is None:
+            tcfg = teacher_config(cfg)
+            tcfg = dataclasses.replace(tcfg, progress=progress)
+            run(tcfg, role="teacher")
+            path = Path(tcfg.out_dir) / run_name(tcfg)
+        model, _ = load_model(path, device, expect_arch=t.arch,
+                              expect_classes=teacher_task.num_classes, expect_in_chans=in_chans)
+        source = str(path)
+    _, logits = predict(model, teacher_task.test.images, teacher_task.info["mean"],
+                        teacher_task.info["std"], device)
+    info = {"teacher": source, "teacher_test_accuracy": accuracy(logits, teacher_task.test.labels)}
+    return FrozenTeacher(model), info
+
+
+# ------------------------------------------------------------------ one run
+
+
+def run(cfg: Config, role: str = "student") -> dict:
+    """Run one experiment (or resume it); return its results. A finished run is not redone."""
+    run_dir = _prepare_run_dir(cfg)
+    results_path = run_dir / "results.json"
+    if results_path.exists():
+        return json.loads(results_path.read_text())
+    tic = time.perf_counter()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    task = build_task(cfg, role)
+    teacher, teacher_info = (None, {"teacher": None, "teacher_test_accuracy": None})
+    if cfg.method != "ce":
+        teacher, teacher_info = get_teacher(cfg, device, cfg.progress)
+
+    seed_everything(cfg.seed)
+    arch, kwargs = cfg.student.arch, cfg.student.kwargs
+    student = create_model(arch, task.num_classes, task.info["in_chans"], **kwargs).to(device)
+    mean, std = task.info["mean"], task.info["std"]
+    has_val = len(task.val.labels) > 0
+
+    def val_accuracy() -> dict:
+        if not has_val:
+            return {}
+        _, logits = predict(student, task.val.images, mean, std, device)
+        return {"val_accuracy": accuracy(logits, task.val.labels)}
+
+    def val_ncm() -> dict:
+        if not has_val:
+            return {}
+        return {"val_ncm_accuracy": ncm_eval(student, task.train.images, task.train.labels,
+                                             task.val.images, task.val.labels, mean, std, device)}
+
+    common = dict(seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress)
+    history: list[dict] = []
+    stage1_ncm = None
+    if cfg.method == "ce":
+        loader = make_loader(task, task.train, cfg.train, seed=cfg.seed, device=device)
+        history += train_stage("train", CrossEntropy(student), loader, cfg.train, run_dir,
+                               validate=val_accuracy, **common)
+    else:
+        if cfg.stage1.optim.epochs > 0:
+            loader = make_loader(task, task.train, cfg.stage1.optim, seed=cfg.seed, device=device)
+            method = RelationMatching(student, teacher, cfg.stage1)
+            history += train_stage("stage1", method, loader, cfg.stage1.optim, run_dir,
+                                   validate=val_ncm, **common)
+            stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
+                                  task.test.images, task.test.labels, mean, std, device)
+        torch.manual_seed(cfg.seed + 1)
+        student.reset_classifier(task.num_classes)  # stage 2 starts from a fresh classifier
+        centers = None
+        if cfg.stage2.centers == "global":
+            centers = teacher_centers(teacher, task, run_dir, device)
+        loader = make_loader(task, task.train, cfg.train, seed=cfg.seed, device=device)
+        method = LocalClassifierDistillation(student, teacher, cfg.stage2, centers)
+        history += train_stage("stage2", method, loader, cfg.train, run_dir,
+                               validate=val_accuracy, **common)
+
+    # The one look at the test split.
+    _, test_logits = predict(student, task.test.images, mean, std, device)
+    final_val = val_accuracy().get("val_accuracy")
+    write_metrics_csv(run_dir / "metrics.csv", history)
+    save_model(run_dir / "model.pt", student, arch, kwargs, {"in_chans": task.info["in_chans"]})
+    results = {
+        "method": cfg.method,
+        "arm": cfg.arm,
+        "role": role,
+        "dataset": cfg.data.name,
+        "protocol": protocol_name(cfg),
+        "seed": cfg.seed,
+        "test_accuracy": accuracy(test_logits, task.test.labels),
+        "val_accuracy": final_val,
+        "stage1_ncm_accuracy": stage1_ncm,
+        **teacher_info,
+        "teacher_init": cfg.teacher.init if cfg.method != "ce" else None,
+        "student_arch": arch,
+        "num_classes": task.num_classes,
+        "overlap": max(0, cfg.data.teacher_classes - cfg.data.student_offset),
+        "train_images": len(task.train.labels),
+        "empty_mining_batches": round(sum(r.get("empty_batches", 0) * r["steps"] for r in history)),
+        "wall_seconds": round(time.perf_counter() - tic, 2),
+        "config_digest": config_digest(cfg),
+        "run_dir": str(run_dir),
+    }
+    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def teacher_centers(teacher: FrozenTeacher, task: Task, run_dir: Path, device) -> torch.Tensor:
+    """Global teacher centres of the student's classes: computed once (no augmentation), saved."""
+    path = run_dir / "teacher_centers.pt"
+    if path.exists():
+        return load_checkpoint(path).to(device)
+    emb, _ = predict(teacher.model, task.train.images, task.info["mean"], task.info["std"], device)
+    centers = class_centers(emb, task.train.labels.to(device), task.num_classes)
+    atomic_torch_save(centers.cpu(), path)
+    return centers

@@ -1,0 +1,84 @@
+"""Grids of runs: ``key=v1,v2`` overrides expand to every combination, each a run.
+
+Finished cells are skipped (a run directory with ``results.json`` is returned as it is), so an
+interrupted sweep continues where it stopped. The summary groups cells by the swept values
+(the seed excepted) and shows validation and test accuracy side by side: choose on validation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from refilled.config import load_config, load_yaml, make_config
+from refilled.engine import atomic_write_text
+from refilled.protocols import run
+from refilled.report import mean_std, write_csv
+
+
+def split_values(text: str) -> list[str]:
+    """``"a,[1,2],c"`` -> ``["a", "[1,2]", "c"]``: commas inside brackets do not split."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """Every combination of the comma-separated override values, in the order given."""
+    axes = []
+    for item in overrides:
+        key, _, values = item.partition("=")
+        axes.append([f"{key}={v}" for v in split_values(values)] if _ else [item])
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+def cell_label(cell: list[str], swept: set[str]) -> str:
+    shown = [o for o in cell if o.partition("=")[0] in swept and not o.startswith("seed=")]
+    return ", ".join(shown) or "base"
+
+
+def run_sweep(config_path: str | None, overrides: list[str], progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    tree = load_yaml(config_path) if config_path else {}
+    cells = expand(overrides)
+    swept = {o.partition("=")[0] for o in overrides if len(split_values(o.partition("=")[2])) > 1}
+    configs = [make_config(tree, [*cell, f"arm={cell_label(cell, swept)}", "progress=false"])
+               for cell in cells]  # every cell is checked before the first one runs
+    results = []
+    for cfg in tqdm(configs, desc="sweep", disable=not progress, dynamic_ncols=True):
+        results.append({**run(cfg), "arm": cfg.arm})
+
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        cell = [r for r in results if r["arm"] == arm]
+        row = {"cell": arm, "n": len(cell)}
+        for key in ("val_accuracy", "test_accuracy", "stage1_ncm_accuracy"):
+            values = [100 * r[key] for r in cell if r.get(key) is not None]
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values) if values else (None, None)
+        rows.append(row)
+    out = Path(load_config(config_path, overrides=[c for c in cells[0]]).out_dir)
+    lines = ["| cell | n | val acc. (%) | test acc. (%) | stage-1 NCM (%) |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells_text = [
+            "—" if r[f"{k}_mean"] is None else f"{r[f'{k}_mean']:.2f} ± {r[f'{k}_std']:.2f}"
+            for k in ("val_accuracy", "test_accuracy", "stage1_ncm_accuracy")
+        ]
+        lines.append(f"| {r['cell']} | {r['n']} | " + " | ".join(cells_text) + " |")
+    best = max((r for r in rows if r["val_accuracy_mean"] is not None),
+               key=lambda r: r["val_accuracy_mean"], default=None)
+    if best:
+        lines += ["", f"best on validation: {best['cell']}"]
+    table = "\n".join(lines)
+    atomic_write_text(out / "sweep_summary.md", table + "\n")
+    write_csv(out / "sweep_summary.csv", rows)
+    print(table)
+    print(f"\nwritten: {out / 'sweep_summary.md'}, {out / 'sweep_summary.csv'}")
+    return {"rows": rows, "results": results, "best": best}
