@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run every combination of key=v1,v2 overrides; skip finished cells")
     p.add_argument("config", help="YAML file holding what differs from the defaults")
     p.add_argument("overrides", nargs="*", help="key=value or key=v1,v2,... (e.g. seed=0,1,2)")
+    p = sub.add_parser("report", help="tables (mean ± std over seeds) and plots of a folder of runs")
+    p.add_argument("runs_dir", help="folder holding run directories (searched recursively)")
+    p.add_argument("--out", default=None, help="where to write report.md/.csv and plots (default runs_dir)")
+    p.add_argument("--baseline", default="ce", help="arm that paired differences are taken against")
     p = sub.add_parser("config", help="print the resolved config (defaults + YAML + overrides)")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             from refilled.sweep import run_sweep
 
             run_sweep(args.config, args.overrides)
+        elif args.command == "report":
+            from refilled.report import write_report
+
+            print(write_report(args.runs_dir, out=args.out, baseline=args.baseline))
         elif args.command == "config":
             from refilled.config import dump_yaml, load_config
 

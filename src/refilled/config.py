@@ -19,7 +19,6 @@ import yaml
 
 from refilled.errors import ConfigError
 
-METHODS = ("ce", "refilled")
 SCHEDULES = ("cosine", "multistep", "constant")
 
 
@@ -306,7 +305,9 @@ def _validate_optim(prefix: str, o: OptimConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that need no data (those that do are made when the data is loaded)."""
-    _choice("method", cfg.method, METHODS)
+    from refilled.methods import METHOD_BUILDERS  # registered by the methods themselves
+
+    _choice("method", cfg.method, sorted(METHOD_BUILDERS))
     _choice("teacher.init", cfg.teacher.init, ("trained", "random"))
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
     _choice("stage2.centers", cfg.stage2.centers, ("global", "local"))

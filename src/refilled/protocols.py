@@ -44,7 +44,7 @@ from refilled.engine import (
     write_metrics_csv,
 )
 from refilled.errors import UserError
-from refilled.methods import CrossEntropy, FrozenTeacher, LocalClassifierDistillation, RelationMatching
+from refilled.methods import Context, FrozenTeacher, build_stages, needs_teacher
 from refilled.models import create_model
 from refilled.ncm import class_centers
 
@@ -150,7 +150,7 @@ def run_name(cfg: Config) -> str:
     """The one function that names run directories."""
     if cfg.name:
         return cfg.name
-    init = "-randteacher" if cfg.method != "ce" and cfg.teacher.init == "random" else ""
+    init = "-randteacher" if needs_teacher(cfg.method) and cfg.teacher.init == "random" else ""
     return f"{cfg.data.name}-{cfg.method}{init}-{cfg.student.arch}-{config_digest(cfg)}-seed{cfg.seed}"
 
 
@@ -296,7 +296,7 @@ def run(cfg: Config, role: str = "student") -> dict:
     seed_everything(cfg.seed)
     task = build_task(cfg, role)
     teacher, teacher_info = (None, {"teacher": None, "teacher_test_accuracy": None})
-    if cfg.method != "ce":
+    if needs_teacher(cfg.method):
         teacher, teacher_info = get_teacher(cfg, device, cfg.progress)
 
     seed_everything(cfg.seed)
@@ -317,34 +317,34 @@ def run(cfg: Config, role: str = "student") -> dict:
         return {"val_ncm_accuracy": ncm_eval(student, task.train.images, task.train.labels,
                                              task.val.images, task.val.labels, mean, std, device)}
 
-    common = dict(seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress)
+    ctx = Context(
+        cfg=cfg, student=student, teacher=teacher, task=task,
+        teacher_centers=lambda: teacher_centers(teacher, task, run_dir, device),
+        class_map=lambda: shared_classes(cfg, task, device),
+    )
+    stages = build_stages(cfg.method, ctx)
     history: list[dict] = []
     stage1_ncm = None
-    if cfg.method == "ce":
-        loader = make_loader(task, task.train, cfg.train, seed=cfg.seed, device=device)
-        history += train_stage("train", CrossEntropy(student), loader, cfg.train, run_dir,
-                               validate=val_accuracy, **common)
-    else:
-        if cfg.stage1.optim.epochs > 0:
-            loader = make_loader(task, task.train, cfg.stage1.optim, seed=cfg.seed, device=device)
-            method = RelationMatching(student, teacher, cfg.stage1)
-            history += train_stage("stage1", method, loader, cfg.stage1.optim, run_dir,
-                                   validate=val_ncm, **common)
+    for stage in stages:
+        if stage.prepare is not None:
+            stage.prepare()
+        loader = make_loader(task, task.train, stage.optim, seed=cfg.seed, device=device)
+        history += train_stage(
+            stage.name, stage.method, loader, stage.optim, run_dir,
+            validate=val_ncm if stage.validate == "ncm" else val_accuracy,
+            seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress,
+        )
+        if stage.validate == "ncm":
             stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
                                   task.test.images, task.test.labels, mean, std, device)
-        torch.manual_seed(cfg.seed + 1)
-        student.reset_classifier(task.num_classes)  # stage 2 starts from a fresh classifier
-        centers = None
-        if cfg.stage2.centers == "global":
-            centers = teacher_centers(teacher, task, run_dir, device)
-        loader = make_loader(task, task.train, cfg.train, seed=cfg.seed, device=device)
-        method = LocalClassifierDistillation(student, teacher, cfg.stage2, centers)
-        history += train_stage("stage2", method, loader, cfg.train, run_dir,
-                               validate=val_accuracy, **common)
 
-    # The one look at the test split.
-    _, test_logits = predict(student, task.test.images, mean, std, device)
-    final_val = val_accuracy().get("val_accuracy")
+    # The one look at the test split. A method that trains no classifier (stage 1 alone) is
+    # evaluated with its NCM classifier.
+    if stages[-1].validate == "ncm":
+        test_accuracy, final_val = stage1_ncm, val_ncm().get("val_ncm_accuracy")
+    else:
+        _, test_logits = predict(student, task.test.images, mean, std, device)
+        test_accuracy, final_val = accuracy(test_logits, task.test.labels), val_accuracy().get("val_accuracy")
     write_metrics_csv(run_dir / "metrics.csv", history)
     save_model(run_dir / "model.pt", student, arch, kwargs, {"in_chans": task.info["in_chans"]})
     results = {
@@ -354,11 +354,11 @@ def run(cfg: Config, role: str = "student") -> dict:
         "dataset": cfg.data.name,
         "protocol": protocol_name(cfg),
         "seed": cfg.seed,
-        "test_accuracy": accuracy(test_logits, task.test.labels),
+        "test_accuracy": test_accuracy,
         "val_accuracy": final_val,
         "stage1_ncm_accuracy": stage1_ncm,
         **teacher_info,
-        "teacher_init": cfg.teacher.init if cfg.method != "ce" else None,
+        "teacher_init": cfg.teacher.init if teacher is not None else None,
         "student_arch": arch,
         "num_classes": task.num_classes,
         "overlap": max(0, cfg.data.teacher_classes - cfg.data.student_offset),
@@ -381,3 +381,16 @@ def teacher_centers(teacher: FrozenTeacher, task: Task, run_dir: Path, device) -
     centers = class_centers(emb, task.train.labels.to(device), task.num_classes)
     atomic_torch_save(centers.cpu(), path)
     return centers
+
+
+def shared_classes(cfg: Config, task: Task, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes both sides know: (student label ids, teacher label ids), aligned.
+
+    Empty tensors when the windows are disjoint; methods that need shared classes (Hinton KD)
+    refuse to run then.
+    """
+    teacher_classes = list(build_task(cfg, "teacher").classes)
+    pairs = [(i, teacher_classes.index(c)) for i, c in enumerate(task.classes) if c in teacher_classes]
+    student_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
+    teacher_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
+    return student_ids, teacher_ids

@@ -3,16 +3,34 @@
 Each method holds the student (and, where it needs one, the frozen teacher) and implements
 ``step(x, y, epoch) -> dict of named losses``. Keys starting with ``_`` are logged but not
 added to the objective (diagnostics such as the number of mined tuples).
+
+``build_stages(name, ctx)`` turns a config's ``method`` into the list of :class:`Stage` s the
+protocol runs in order; a new method registers a builder with :func:`register_method`.
 """
 
-from refilled.methods.base import FrozenTeacher, Method
+from refilled.methods.base import (
+    METHOD_BUILDERS,
+    Context,
+    FrozenTeacher,
+    Method,
+    Stage,
+    build_stages,
+    needs_teacher,
+    register_method,
+)
 from refilled.methods.ce import CrossEntropy
 from refilled.methods.refilled import LocalClassifierDistillation, RelationMatching
 
 __all__ = [
+    "METHOD_BUILDERS",
+    "Context",
     "CrossEntropy",
     "FrozenTeacher",
     "LocalClassifierDistillation",
     "Method",
     "RelationMatching",
+    "Stage",
+    "build_stages",
+    "needs_teacher",
+    "register_method",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from refilled.methods.base import Method
+from refilled.methods.base import Context, Method, Stage, register_method
 
 
 class CrossEntropy(Method):
@@ -14,3 +14,8 @@ class CrossEntropy(Method):
 
     def step(self, x, y, epoch):
         return {"ce": F.cross_entropy(self.student(x), y, label_smoothing=self.label_smoothing)}
+
+
+@register_method("ce", needs_teacher=False)
+def build_ce(ctx: Context) -> list[Stage]:
+    return [Stage("train", CrossEntropy(ctx.student), ctx.cfg.train)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -15,7 +16,7 @@ from refilled.losses import (
     relation_matching_terms,
     teacher_instance_weights,
 )
-from refilled.methods.base import FrozenTeacher, Method
+from refilled.methods.base import Context, FrozenTeacher, Method, Stage, register_method
 
 
 class RelationMatching(Method):
@@ -72,3 +73,22 @@ class LocalClassifierDistillation(Method):
         )
         return {"ce": F.cross_entropy(logits, y), "distill": self.lam(epoch) * distill}
 
+
+
+@register_method("refilled")
+def build_refilled(ctx: Context) -> list[Stage]:
+    """Stage 1 (when stage1.optim.epochs > 0), then stage 2 from a fresh classifier."""
+    cfg, student, teacher = ctx.cfg, ctx.student, ctx.teacher
+    stages = []
+    if cfg.stage1.optim.epochs > 0:
+        stages.append(Stage("stage1", RelationMatching(student, teacher, cfg.stage1),
+                            cfg.stage1.optim, validate="ncm"))
+    centers = ctx.teacher_centers() if cfg.stage2.centers == "global" else None
+
+    def fresh_classifier():
+        torch.manual_seed(cfg.seed + 1)
+        student.reset_classifier(ctx.task.num_classes)
+
+    stages.append(Stage("stage2", LocalClassifierDistillation(student, teacher, cfg.stage2, centers),
+                        cfg.train, prepare=fresh_classifier))
+    return stages
