@@ -187,13 +187,15 @@ def train_stage(
     eval_every: int = 1,
     progress: bool = True,
     extra_state: dict | None = None,
+    earlier_rows: list[dict] = (),
 ) -> list[dict]:
     """Train ``method`` for ``cfg.epochs`` epochs; resume from ``run_dir/<stage>.ckpt``.
 
     ``method`` provides ``step(x, y, epoch) -> dict of named scalar losses`` (summed for the
     update), ``parameters_to_train()``, ``state_dict()`` / ``load_state_dict()`` and ``train()``.
     ``validate()`` returns a dict of metrics (computed every ``eval_every`` epochs and at the
-    end). Returns the per-epoch metric rows of this stage.
+    end). After every epoch, ``run_dir/metrics.csv`` is rewritten with ``earlier_rows`` (the
+    finished stages' rows) followed by this stage's. Returns the per-epoch rows of this stage.
     """
     ckpt_path = run_dir / f"{stage}.ckpt"
     optimizer = make_optimizer(method.parameters_to_train(), cfg)
@@ -256,6 +258,7 @@ def train_stage(
             },
             ckpt_path,
         )
+        write_metrics_csv(run_dir / "metrics.csv", [*earlier_rows, *history])
         if progress and evaluated:
             shown = {k: v for k, v in row.items() if k not in ("stage", "epoch", "seconds")}
             tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(

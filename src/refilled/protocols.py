@@ -41,7 +41,6 @@ from refilled.engine import (
     resolve_device,
     seed_everything,
     train_stage,
-    write_metrics_csv,
 )
 from refilled.errors import UserError
 from refilled.methods import Context, FrozenTeacher, build_stages, needs_teacher
@@ -97,6 +96,14 @@ def build_task(cfg: Config, role: str) -> Task:
     else:
         train_idx, val_idx = torch.arange(len(y)), torch.zeros(0, dtype=torch.long)
     if cap is not None:
+        available = int(torch.bincount(y[train_idx], minlength=len(classes)).min())
+        if cap > available:
+            key = "data.teacher_train_per_class" if role == "teacher" else "data.train_per_class"
+            raise UserError(
+                f"{key}={cap} asks for more training images per class than exist: the smallest "
+                f"class has {available} after carving {d.val_per_class} per class for validation; "
+                f"lower {key} (or data.val_per_class)"
+            )
         train_idx = train_idx[cap_per_class(y[train_idx], cap, seed=d.split_seed)]
     info = DATASET_INFO.get(d.name, DATASET_INFO["image_folder"])
     return Task(
@@ -155,19 +162,20 @@ def run_name(cfg: Config) -> str:
 
 
 def teacher_config(cfg: Config) -> Config:
-    """The config of the run that trains ``cfg``'s teacher (shared by every student run)."""
+    """The config of the run that trains ``cfg``'s teacher, shared by every student run.
+
+    Built from the defaults plus only what shapes the teacher (its data window, architecture,
+    schedule and seed), so student settings never make it retrain.
+    """
     t = cfg.teacher
     data = dataclasses.replace(cfg.data, student_offset=0, student_classes=None,
                                train_per_class=cfg.data.teacher_train_per_class)
-    base = dataclasses.replace(
-        cfg, method="ce", seed=t.seed, name=None, data=data, train=t.optim,
+    base = Config(
+        method="ce", seed=t.seed, device=cfg.device, out_dir=cfg.out_dir, progress=cfg.progress,
+        eval_every=cfg.eval_every, data=data, train=t.optim,
         student=dataclasses.replace(cfg.student, arch=t.arch, kwargs=t.kwargs),
     )
-    # Only what shapes the teacher enters its name, so student settings never retrain it.
-    tree = to_dict(base)
-    keep = {k: tree[k] for k in ("seed", "data", "train")}
-    keep["arch"], keep["kwargs"] = t.arch, t.kwargs
-    name = f"teacher-{cfg.data.name}-{t.arch}-{_digest(keep)}-seed{t.seed}"
+    name = f"teacher-{cfg.data.name}-{t.arch}-{config_digest(base)}-seed{t.seed}"
     return dataclasses.replace(base, name=name)
 
 
@@ -256,7 +264,7 @@ def calibrate_batchnorm(model, task: Task, device, max_images: int = 4096) -> No
     model.eval()
 
 
-def get_teacher(cfg: Config, device, progress: bool) -> tuple[FrozenTeacher, dict]:
+def get_teacher(cfg: Config, device) -> tuple[FrozenTeacher, dict]:
     """The frozen teacher: reused by path, random (control), or trained once and cached."""
     t = cfg.teacher
     teacher_task = build_task(cfg, "teacher")
@@ -270,7 +278,6 @@ def get_teacher(cfg: Config, device, progress: bool) -> tuple[FrozenTeacher, dic
         path = t.checkpoint
         if path is None:
             tcfg = teacher_config(cfg)
-            tcfg = dataclasses.replace(tcfg, progress=progress)
             run(tcfg, role="teacher")
             path = Path(tcfg.out_dir) / run_name(tcfg)
         model, _ = load_model(path, device, expect_arch=t.arch,
@@ -295,9 +302,10 @@ def run(cfg: Config, role: str = "student") -> dict:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     task = build_task(cfg, role)
+    check_batches(cfg, task)  # before any training, the teacher's included
     teacher, teacher_info = (None, {"teacher": None, "teacher_test_accuracy": None})
     if needs_teacher(cfg.method):
-        teacher, teacher_info = get_teacher(cfg, device, cfg.progress)
+        teacher, teacher_info = get_teacher(cfg, device)
 
     seed_everything(cfg.seed)
     arch, kwargs = cfg.student.arch, cfg.student.kwargs
@@ -333,6 +341,7 @@ def run(cfg: Config, role: str = "student") -> dict:
             stage.name, stage.method, loader, stage.optim, run_dir,
             validate=val_ncm if stage.validate == "ncm" else val_accuracy,
             seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress,
+            earlier_rows=history, extra_state={"config": to_dict(cfg)},
         )
         if stage.validate == "ncm":
             stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
@@ -345,7 +354,6 @@ def run(cfg: Config, role: str = "student") -> dict:
     else:
         _, test_logits = predict(student, task.test.images, mean, std, device)
         test_accuracy, final_val = accuracy(test_logits, task.test.labels), val_accuracy().get("val_accuracy")
-    write_metrics_csv(run_dir / "metrics.csv", history)
     save_model(run_dir / "model.pt", student, arch, kwargs, {"in_chans": task.info["in_chans"]})
     results = {
         "method": cfg.method,
@@ -394,3 +402,29 @@ def shared_classes(cfg: Config, task: Task, device) -> tuple[torch.Tensor, torch
     student_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
     teacher_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
     return student_ids, teacher_ids
+
+
+def check_batches(cfg: Config, task: Task) -> None:
+    """Refuse batch settings that can never work, before anything trains."""
+    counts = torch.bincount(task.train.labels, minlength=task.num_classes)
+    stages = [("train", cfg.train)]
+    if cfg.method.startswith("refilled") and cfg.stage1.optim.epochs > 0:
+        stages.append(("stage1.optim", cfg.stage1.optim))
+    if len(stages) == 2:
+        o = cfg.stage1.optim
+        never = o.batch_size < 2 or o.m_per_class == 1 or int(counts.max()) < 2
+        if never:
+            raise UserError(
+                "stage 1 can never see a positive pair (two images of one class in a batch) with "
+                f"stage1.optim.batch_size={o.batch_size}, stage1.optim.m_per_class={o.m_per_class} "
+                f"and at most {int(counts.max())} training images per class; use the class-balanced "
+                "sampler, e.g. stage1.optim.m_per_class=4 with a batch size that is a multiple of 4"
+            )
+    for key, optim in stages:
+        if optim.m_per_class and optim.batch_size // optim.m_per_class > task.num_classes:
+            raise UserError(
+                f"{key}: batches of {optim.batch_size // optim.m_per_class} classes x "
+                f"{optim.m_per_class} images need {optim.batch_size // optim.m_per_class} classes, "
+                f"but the student has {task.num_classes}; lower {key}.batch_size or raise "
+                f"{key}.m_per_class"
+            )
