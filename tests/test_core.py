@@ -328,3 +328,21 @@ def test_ncm_accuracy_oracle():
     means = torch.eye(4, 5) * 10
     x = means[train_y] + 0.1 * torch.randn(40, 5, generator=g)
     assert ncm_accuracy(x, train_y, x, train_y, 4) == 1.0
+
+
+@pytest.mark.gpu
+def test_losses_follow_the_cuda_device_and_match_cpu():
+    student, teacher, labels = make_batch(64, 8, 16, torch.float32, seed=9)
+    for mode in ("tuple", "triplet"):
+        cpu = relation_matching_loss(student, teacher, labels, margin=0.5, mode=mode)
+        gpu = relation_matching_loss(student.cuda(), teacher.cuda(), labels.cuda(), margin=0.5, mode=mode)
+        assert gpu.device.type == "cuda"
+        assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
+    logits = torch.randn(64, 8)
+    centers = torch.nn.functional.normalize(torch.randn(8, 19), dim=1)
+    cpu = local_classifier_loss(logits, teacher, labels, centers, weights=teacher_instance_weights(logits))
+    gpu = local_classifier_loss(logits.cuda(), teacher.cuda(), labels.cuda(), centers.cuda(),
+                                weights=teacher_instance_weights(logits.cuda()))
+    assert gpu.device.type == "cuda" and gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
+    centers_gpu = class_centers(student.cuda(), labels.cuda(), 8)
+    assert centers_gpu.device.type == "cuda"

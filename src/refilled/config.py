@@ -1,6 +1,9 @@
 """One typed configuration: dataclasses with every default, a YAML diff, dotted overrides.
 
-Order of precedence: defaults < preset (``stage2.preset``) < YAML file < ``key=value`` overrides.
+Order of precedence: defaults < preset (``stage2.preset``) < YAML file < ablation (``ablation``)
+< ``key=value`` overrides. An ablation is a named variant of REFILLED (see ``ABLATIONS``); it sits
+above the YAML file so that it takes effect on any experiment file (e.g. ``stage2_only`` on a file
+that sets stage-1 epochs); an override that contradicts one of its keys is an error.
 A key that does not exist, or a value of the wrong type, is a :class:`ConfigError` naming the
 key. The resolved config is frozen, saved in each run directory, and never mutated.
 """
@@ -20,6 +23,7 @@ import yaml
 from refilled.errors import ConfigError
 
 SCHEDULES = ("cosine", "multistep", "constant")
+PROTOCOLS = ("distill", "incremental", "fewshot")
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,85 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Named REFILLED ablations: overrides applied above the YAML file and below command-line keys.
+# Every ablation is a REFILLED variant, so each sets the method too.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "stage1_only": {"method": "refilled_stage1"},  # stage 1, then the NCM classifier
+    "stage2_only": {"method": "refilled", "stage1.optim.epochs": 0},
+    "triplet": {"method": "refilled", "stage1.mode": "triplet"},
+    "local_centers": {"method": "refilled", "stage2.centers": "local"},
+    "no_weighting": {"method": "refilled", "stage2.weighting": False},
+    **{name: {"method": "refilled", "stage2.preset": name, **PRESETS[name]}
+       for name in ("cvpr", "cvpr_recon", "tpami")},
+}
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Hyperparameters of the baseline methods (``methods/baselines.py``); paper defaults.
+
+    KD: T = 4, alpha = 0.9 (the usual CIFAR setting; Hinton et al. fix neither). RKD: 25 / 50
+    (Park et al. 2019). FitNet: 100, AT: beta = 1000 (used as beta / 2), SP: gamma = 3000 (the
+    weights of the CRD benchmark, Tian et al. 2020, for joint CE + hint training; AT and SP are
+    their papers' values). PKT: 500, i.e. the CRD benchmark's 30000 rescaled from its mean over
+    B^2 kernel entries to ``pkt_loss``'s per-row sum at batch 64 (30000 / 64, rounded).
+    Label smoothing: 0.1 (Szegedy et al. 2016).
+    """
+
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9  # loss = (1 - alpha) * CE + alpha * KD
+    rkd_distance_weight: float = 25.0
+    rkd_angle_weight: float = 50.0
+    fitnet_weight: float = 100.0
+    at_beta: float = 1000.0
+    sp_gamma: float = 3000.0
+    pkt_weight: float = 500.0
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Accelerator settings; each falls back cleanly on a CPU (where they are no-ops)."""
+
+    amp: bool = False  # bf16 autocast on CUDA; mining, distances and the KL terms stay fp32
+    compile: bool = False  # torch.compile the student's training step (CUDA)
+    channels_last: bool = True  # NHWC images and weights on CUDA
+    global_mining: bool = False  # under torchrun: mine stage-1 tuples over the global batch
+
+
+@dataclass(frozen=True)
+class IncrementalConfig:
+    """One-step incremental learning (``protocol: incremental``, :mod:`refilled.applications`).
+
+    The old model (the teacher) knows order[0:data.teacher_classes]; the student learns those
+    plus the next ``new_classes`` classes of the order.
+    """
+
+    new_classes: int | None = None  # None: every class after the old ones (at least 2)
+    old_per_class: int | None = 20  # old training images per old class kept (None: all; 0: none)
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """Few- / middle-shot learning (``protocol: fewshot``, :mod:`refilled.applications`).
+
+    The teacher knows the base classes order[0:data.teacher_classes]; the student learns the
+    novel classes order[s:s+novel_classes], s = data.student_offset (>= data.teacher_classes).
+    """
+
+    novel_classes: int | None = None  # None: every class from data.student_offset on
+    shots: int = 5  # K training images per novel class (1, 5: few-shot; 20, 50: middle-shot)
+    eval: str = "classifier"  # classifier (student's classifier) | episodes (N-way K-shot, NCM)
+    episodes: int = 600  # eval=episodes: number of episodes (mean and 95% CI over them)
+    ways: int = 5  # eval=episodes: classes per episode
+    queries: int = 15  # eval=episodes: query images per class and episode
+
+
 @dataclass(frozen=True)
 class Config:
-    method: str = "refilled"  # ce (student alone) | refilled
+    protocol: str = "distill"  # distill (class windows) | incremental | fewshot (applications.py)
+    method: str = "refilled"  # ce (student alone) | refilled | refilled_stage1 | kd | rkd | ...
+    ablation: str | None = None  # a named REFILLED variant (see ABLATIONS), e.g. stage2_only
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"
@@ -121,6 +201,10 @@ class Config:
     train: OptimConfig = field(default_factory=OptimConfig)  # student CE / stage 2
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
 # ------------------------------------------------------------------ building and checking
@@ -251,11 +335,13 @@ def load_yaml(path: str | Path) -> dict:
 
 def make_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a checked, frozen :class:`Config` from a nested dict plus dotted overrides."""
-    user = _flatten(tree or {})
+    from_file = _flatten(tree or {})
+    from_args: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
-        user[key] = value
-    preset = user.get("stage2.preset")
+        from_args[key] = value
+    ablation = _ablation(from_file, from_args)
+    preset = {**from_file, **ablation, **from_args}.get("stage2.preset")
     flat: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -263,13 +349,34 @@ def make_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...]
                 f"config key 'stage2.preset' must be one of {sorted(PRESETS)}, got {preset!r}"
             )
         flat.update(PRESETS[preset])
-    flat.update(user)
+    flat.update(from_file)
+    flat.update(ablation)
+    flat.update(from_args)
     nested: dict = {}
     for key, value in flat.items():
         _set_dotted(nested, key, value)
     cfg = _build(Config, nested)
     validate(cfg)
     return cfg
+
+
+def _ablation(from_file: dict[str, Any], from_args: dict[str, Any]) -> dict[str, Any]:
+    """The overrides of the named ablation (empty for none); refuses contradicting keys."""
+    name = {**from_file, **from_args}.get("ablation")
+    if name is None:
+        return {}
+    if name not in ABLATIONS:
+        raise ConfigError(f"config key 'ablation' must be one of {sorted(ABLATIONS)}, got {name!r}")
+    bundle = ABLATIONS[name]
+    # An ablation is a fixed bundle: a command-line value that contradicts it is refused (the
+    # saved config must rebuild to the same values when the run is resumed).
+    for key, value in bundle.items():
+        if key in from_args and from_args[key] != value:
+            raise ConfigError(
+                f"ablation '{name}' sets {key}={value}, but {key}={from_args[key]} was given; "
+                "drop the ablation and set the keys yourself, or drop the override"
+            )
+    return bundle
 
 
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
@@ -308,6 +415,7 @@ def validate(cfg: Config) -> None:
     from refilled.methods import METHOD_BUILDERS  # registered by the methods themselves
 
     _choice("method", cfg.method, sorted(METHOD_BUILDERS))
+    _choice("protocol", cfg.protocol, PROTOCOLS)
     _choice("teacher.init", cfg.teacher.init, ("trained", "random"))
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
     _choice("stage2.centers", cfg.stage2.centers, ("global", "local"))
@@ -329,10 +437,52 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value is not None:
             _positive(key, value)
+    b = cfg.baselines
+    if not b.kd_temperature > 0:
+        raise ConfigError(f"config key 'baselines.kd_temperature' is a temperature and must be > 0, "
+                          f"got {b.kd_temperature}")
+    for key in ("kd_alpha", "rkd_distance_weight", "rkd_angle_weight", "fitnet_weight", "at_beta",
+                "sp_gamma", "pkt_weight", "label_smoothing"):
+        value = getattr(b, key)
+        if value < 0:
+            raise ConfigError(f"config key 'baselines.{key}' is a weight and must be >= 0, got {value}")
+    if b.kd_alpha > 1:
+        raise ConfigError(f"config key 'baselines.kd_alpha' must be in [0, 1], got {b.kd_alpha}")
+    if b.label_smoothing >= 1:
+        raise ConfigError(f"config key 'baselines.label_smoothing' must be in [0, 1), got {b.label_smoothing}")
     _validate_optim("train", cfg.train)
     _validate_optim("stage1.optim", cfg.stage1.optim)
     _validate_optim("teacher.optim", cfg.teacher.optim)
+    _validate_applications(cfg)
 
+
+
+def _validate_applications(cfg: Config) -> None:
+    """The ``incremental`` / ``fewshot`` sections and the methods tied to them."""
+    inc, fs = cfg.incremental, cfg.fewshot
+    if inc.new_classes is not None and inc.new_classes < 2:
+        raise ConfigError(f"config key 'incremental.new_classes' must be >= 2, got {inc.new_classes}")
+    if inc.old_per_class is not None:
+        _positive("incremental.old_per_class", inc.old_per_class, allow_zero=True)
+    if fs.novel_classes is not None and fs.novel_classes < 2:
+        raise ConfigError(f"config key 'fewshot.novel_classes' must be >= 2, got {fs.novel_classes}")
+    _positive("fewshot.shots", fs.shots)
+    _choice("fewshot.eval", fs.eval, ("classifier", "episodes"))
+    _positive("fewshot.episodes", fs.episodes)
+    _positive("fewshot.queries", fs.queries)
+    if fs.ways < 2:
+        raise ConfigError(f"config key 'fewshot.ways' must be >= 2, got {fs.ways}")
+    if cfg.method == "teacher_prototypes" and cfg.protocol != "fewshot":
+        raise ConfigError("method 'teacher_prototypes' is a reference of the few-shot protocol; "
+                          "set protocol: fewshot")
+    if cfg.method in ("finetune", "linear_probe") and (
+        cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs
+    ):
+        raise ConfigError(
+            f"method '{cfg.method}' starts from the old model, so student.arch/kwargs must equal "
+            f"teacher.arch/kwargs (got student {cfg.student.arch!r} {cfg.student.kwargs}, "
+            f"teacher {cfg.teacher.arch!r} {cfg.teacher.kwargs})"
+        )
 
 def _get(cfg, dotted: str):
     node = cfg

@@ -16,6 +16,7 @@ import random
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,12 +37,17 @@ class TrainingDiverged(UserError):
 # ------------------------------------------------------------------ files
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder + rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -84,6 +90,60 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was asked for but no CUDA device is available; use device=cpu")
     return device
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated in rank order along dim 0 (same size per rank).
+
+        Gradients flow back to each rank's own slice (the gather is differentiable).
+        """
+        if self.world == 1:
+            return tensor
+        if tensor.requires_grad:
+            from torch.distributed.nn.functional import all_gather
+
+            return torch.cat(all_gather(tensor))
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by the environment (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size()), device
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +248,8 @@ def train_stage(
     progress: bool = True,
     extra_state: dict | None = None,
     earlier_rows: list[dict] = (),
+    dist: Dist = Dist(),
+    amp: bool = False,
 ) -> list[dict]:
     """Train ``method`` for ``cfg.epochs`` epochs; resume from ``run_dir/<stage>.ckpt``.
 
@@ -196,6 +258,11 @@ def train_stage(
     ``validate()`` returns a dict of metrics (computed every ``eval_every`` epochs and at the
     end). After every epoch, ``run_dir/metrics.csv`` is rewritten with ``earlier_rows`` (the
     finished stages' rows) followed by this stage's. Returns the per-epoch rows of this stage.
+
+    Under torchrun (``dist.world > 1``) the method is wrapped in DistributedDataParallel (the
+    frozen teacher is not part of it), each rank trains on its share of every global batch,
+    logged losses are averaged over ranks, and only rank 0 validates and writes files.
+    ``amp`` runs the step under bf16 autocast on CUDA (a no-op elsewhere).
     """
     ckpt_path = run_dir / f"{stage}.ckpt"
     optimizer = make_optimizer(method.parameters_to_train(), cfg)
@@ -211,7 +278,13 @@ def train_stage(
         set_rng_state(ckpt["rng"])
         if start_epoch >= cfg.epochs:
             return history
-    device = next(method.parameters_to_train()).device if cfg.epochs else None
+    device = next(method.parameters_to_train()).device if cfg.epochs else torch.device("cpu")
+    model = method
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
     steps = len(loader)
     for epoch in range(start_epoch, cfg.epochs):
         # Every epoch's randomness derives from (seed, stage, epoch): resuming is exact.
@@ -224,8 +297,9 @@ def train_stage(
         bar = tqdm(loader, total=steps, desc=f"{stage} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            losses = method.step(x, y, epoch)
-            total = sum(v for k, v in losses.items() if not k.startswith("_"))
+            with autocast:
+                losses = model(x, y, epoch)  # Method.forward is its step
+                total = sum(v for k, v in losses.items() if not k.startswith("_"))
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -234,6 +308,11 @@ def train_stage(
             first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
             for key, value in {"loss": total, **losses}.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
+        if dist.world > 1:  # every rank stops together; logged values are rank averages
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
+            for value in sums.values():
+                torch.distributed.all_reduce(value)
+                value /= dist.world
         bad = int(first_bad)
         if bad >= 0:
             raise TrainingDiverged(
@@ -246,10 +325,14 @@ def train_stage(
         row.update({k.lstrip("_"): round(float(v) / max(steps, 1), 6) for k, v in sums.items()})
         row["steps"] = steps
         row["seconds"] = round(time.perf_counter() - tic, 3)
-        evaluated = validate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs)
+        evaluated = validate is not None and dist.is_main and (
+            (epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs
+        )
         if evaluated:
             row.update(validate())
         history.append(row)
+        if not dist.is_main:
+            continue
         atomic_torch_save(
             {
                 "stage": stage, "epoch": epoch + 1, "history": history,

@@ -47,8 +47,9 @@ def _tuple_kl(d_s, d_t, anchor, positive, neg_mask, tau):
     """KL(P_T || P_S) of every tuple, on dense (T, B) rows; masked entries weigh exactly 0.
 
     With logits x_j = (d(a,p) - d(a,j)) / tau shifted so that the positive's is 0, and
-    Z = 1 + sum_n exp(x_n), KL = sum_n pT_n xT_n - log ZT - sum_n pT_n xS_n + log ZS. For the student no
-    further shift is needed: semi-hard negatives lie farther than the positive, so xS_n < 0.
+    Z = 1 + sum_n exp(x_n): KL = sum_n pT_n xT_n - log ZT - sum_n pT_n xS_n + log ZS. For the
+    student no further shift is needed: semi-hard negatives lie farther than the positive, so
+    xS_n < 0 on every unmasked entry.
     Masks are applied by multiplying with a float mask (cheaper on CPU than boolean indexing).
     """
     w = neg_mask.to(d_s.dtype)
@@ -64,6 +65,7 @@ def _tuple_kl(d_s, d_t, anchor, positive, neg_mask, tau):
     x_s = (r_s[anchor, positive][:, None] - r_s.index_select(0, anchor)) * w
     log_z_s = torch.log1p((torch.exp(x_s) * w).sum(dim=1))
     return neg_entropy - (p_t * x_s).sum(dim=1) + log_z_s
+
 
 def _graph_zero(tensor: torch.Tensor) -> torch.Tensor:
     """An exact zero that keeps ``tensor``'s graph (so backward() and DDP still work)."""

@@ -37,8 +37,9 @@ from refilled.engine import (
     atomic_write_text,
     load_checkpoint,
     ncm_eval,
+    Dist,
+    init_distributed,
     predict,
-    resolve_device,
     seed_everything,
     train_stage,
 )
@@ -125,7 +126,8 @@ def protocol_name(cfg: Config) -> str:
     return "cross_task" if s >= n_t else "partial_overlap"
 
 
-def make_loader(task: Task, split: Split, optim, *, seed: int, device, train: bool = True):
+def make_loader(task: Task, split: Split, optim, *, seed: int, device, train: bool = True,
+                dist: Dist = Dist(), channels_last: bool = False):
     info = task.info
     sampler = None
     if train and optim.m_per_class:
@@ -135,6 +137,7 @@ def make_loader(task: Task, split: Split, optim, *, seed: int, device, train: bo
         split.images, split.labels, batch, shuffle=train, drop_last=train,
         augment=Augment(info["pad"], info["flip"]) if train else None,
         mean=info["mean"], std=info["std"], device=device, seed=seed, sampler=sampler,
+        rank=dist.rank, world=dist.world, channels_last=channels_last,
     )
 
 
@@ -145,11 +148,29 @@ def _digest(tree) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _changed(tree: dict, default: dict) -> dict:
+    """The entries of ``tree`` that differ from ``default``, recursively."""
+    out = {}
+    for key, value in tree.items():
+        base = default.get(key)
+        if isinstance(value, dict) and isinstance(base, dict) and key != "kwargs":
+            sub = _changed(value, base)
+            if sub:
+                out[key] = sub
+        elif value != base:
+            out[key] = value
+    return out
+
+
 def config_digest(cfg: Config) -> str:
-    """What defines a run's result (not where it is written, nor how it is displayed)."""
-    tree = to_dict(cfg)
+    """What defines a run's result (not where it is written, nor how it is displayed).
+
+    Only the values that differ from the defaults enter it, so a new config key with a default
+    never renames (and so never retrains) existing runs.
+    """
+    tree = _changed(to_dict(cfg), to_dict(Config()))
     for key in ("out_dir", "name", "arm", "progress", "device", "eval_every"):
-        tree.pop(key)
+        tree.pop(key, None)
     return _digest(tree)
 
 
@@ -179,11 +200,11 @@ def teacher_config(cfg: Config) -> Config:
     return dataclasses.replace(base, name=name)
 
 
-def _prepare_run_dir(cfg: Config) -> Path:
+def _prepare_run_dir(cfg: Config, dist: Dist = Dist()) -> Path:
     run_dir = Path(cfg.out_dir) / run_name(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{dist.rank}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -294,15 +315,19 @@ def get_teacher(cfg: Config, device) -> tuple[FrozenTeacher, dict]:
 
 def run(cfg: Config, role: str = "student") -> dict:
     """Run one experiment (or resume it); return its results. A finished run is not redone."""
-    run_dir = _prepare_run_dir(cfg)
+    if cfg.protocol != "distill" and role == "student":
+        from refilled.applications import run_application  # incremental / few-shot learning
+
+        return run_application(cfg)
+    dist, device = init_distributed(cfg.device)
+    run_dir = _prepare_run_dir(cfg, dist)
     results_path = run_dir / "results.json"
     if results_path.exists():
         return json.loads(results_path.read_text())
     tic = time.perf_counter()
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     task = build_task(cfg, role)
-    check_batches(cfg, task)  # before any training, the teacher's included
+    check_batches(cfg, task, dist)  # before any training, the teacher's included
     teacher, teacher_info = (None, {"teacher": None, "teacher_test_accuracy": None})
     if needs_teacher(cfg.method):
         teacher, teacher_info = get_teacher(cfg, device)
@@ -310,6 +335,14 @@ def run(cfg: Config, role: str = "student") -> dict:
     seed_everything(cfg.seed)
     arch, kwargs = cfg.student.arch, cfg.student.kwargs
     student = create_model(arch, task.num_classes, task.info["in_chans"], **kwargs).to(device)
+    channels_last = cfg.speed.channels_last and device.type == "cuda"
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.model.to(memory_format=torch.channels_last)
+    if cfg.speed.compile and device.type == "cuda":
+        # Compile the networks' passes; mining and the losses stay eager (data-dependent shapes).
+        student.forward_features = torch.compile(student.forward_features)
     mean, std = task.info["mean"], task.info["std"]
     has_val = len(task.val.labels) > 0
 
@@ -327,8 +360,8 @@ def run(cfg: Config, role: str = "student") -> dict:
 
     ctx = Context(
         cfg=cfg, student=student, teacher=teacher, task=task,
-        teacher_centers=lambda: teacher_centers(teacher, task, run_dir, device),
-        class_map=lambda: shared_classes(cfg, task, device),
+        teacher_centers=lambda: teacher_centers(teacher, task, run_dir, device, dist),
+        class_map=lambda: shared_classes(cfg, task, device), dist=dist,
     )
     stages = build_stages(cfg.method, ctx)
     history: list[dict] = []
@@ -336,12 +369,14 @@ def run(cfg: Config, role: str = "student") -> dict:
     for stage in stages:
         if stage.prepare is not None:
             stage.prepare()
-        loader = make_loader(task, task.train, stage.optim, seed=cfg.seed, device=device)
+        loader = make_loader(task, task.train, stage.optim, seed=cfg.seed, device=device,
+                             dist=dist, channels_last=channels_last)
         history += train_stage(
             stage.name, stage.method, loader, stage.optim, run_dir,
             validate=val_ncm if stage.validate == "ncm" else val_accuracy,
-            seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress,
-            earlier_rows=history, extra_state={"config": to_dict(cfg)},
+            seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress and dist.is_main,
+            earlier_rows=history, extra_state={"config": to_dict(cfg)}, dist=dist,
+            amp=cfg.speed.amp,
         )
         if stage.validate == "ncm":
             stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
@@ -354,7 +389,8 @@ def run(cfg: Config, role: str = "student") -> dict:
     else:
         _, test_logits = predict(student, task.test.images, mean, std, device)
         test_accuracy, final_val = accuracy(test_logits, task.test.labels), val_accuracy().get("val_accuracy")
-    save_model(run_dir / "model.pt", student, arch, kwargs, {"in_chans": task.info["in_chans"]})
+    if dist.is_main:
+        save_model(run_dir / "model.pt", student, arch, kwargs, {"in_chans": task.info["in_chans"]})
     results = {
         "method": cfg.method,
         "arm": cfg.arm,
@@ -376,18 +412,32 @@ def run(cfg: Config, role: str = "student") -> dict:
         "config_digest": config_digest(cfg),
         "run_dir": str(run_dir),
     }
-    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    if dist.is_main:
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    dist.barrier()  # the other ranks may read what rank 0 wrote (e.g. a teacher's model.pt)
     return results
 
 
-def teacher_centers(teacher: FrozenTeacher, task: Task, run_dir: Path, device) -> torch.Tensor:
-    """Global teacher centres of the student's classes: computed once (no augmentation), saved."""
+def teacher_centers(teacher: FrozenTeacher, task: Task, run_dir: Path, device, dist: Dist = Dist()):
+    """Global teacher centres of the student's classes: computed once (no augmentation), saved.
+
+    Under torchrun each rank embeds its share of the training split and the shares are
+    gathered, so every rank holds the same centres.
+    """
     path = run_dir / "teacher_centers.pt"
     if path.exists():
         return load_checkpoint(path).to(device)
-    emb, _ = predict(teacher.model, task.train.images, task.info["mean"], task.info["std"], device)
+    n = len(task.train.labels)
+    per = -(-n // dist.world)  # contiguous shares, in rank order
+    mine = task.train.images[dist.rank * per : (dist.rank + 1) * per]
+    emb, _ = predict(teacher.model, mine, task.info["mean"], task.info["std"], device)
+    if not len(mine):
+        emb = torch.zeros(0, teacher.num_features, device=device)
+    if dist.world > 1:  # pad every share to the same length for the gather, then drop the padding
+        emb = dist.gather(torch.cat([emb, emb.new_zeros(per - len(emb), emb.shape[1])]))[:n]
     centers = class_centers(emb, task.train.labels.to(device), task.num_classes)
-    atomic_torch_save(centers.cpu(), path)
+    if dist.is_main:
+        atomic_torch_save(centers.cpu(), path)
     return centers
 
 
@@ -404,9 +454,13 @@ def shared_classes(cfg: Config, task: Task, device) -> tuple[torch.Tensor, torch
     return student_ids, teacher_ids
 
 
-def check_batches(cfg: Config, task: Task) -> None:
+def check_batches(cfg: Config, task: Task, dist: Dist = Dist()) -> None:
     """Refuse batch settings that can never work, before anything trains."""
     counts = torch.bincount(task.train.labels, minlength=task.num_classes)
+    for key, optim in (("train", cfg.train), ("stage1.optim", cfg.stage1.optim)):
+        if optim.batch_size % dist.world:
+            raise UserError(f"{key}.batch_size={optim.batch_size} must be divisible by the "
+                            f"{dist.world} processes of this torchrun job")
     stages = [("train", cfg.train)]
     if cfg.method.startswith("refilled") and cfg.stage1.optim.epochs > 0:
         stages.append(("stage1.optim", cfg.stage1.optim))

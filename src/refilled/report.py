@@ -10,16 +10,22 @@ import statistics
 from pathlib import Path
 
 from refilled.engine import atomic_write_bytes, atomic_write_text
+from refilled.errors import UserError
+
+
+def _collect_runs(runs_dir: str | Path, role: str | None = "student") -> list[tuple[dict, Path]]:
+    """(record, run directory) of every ``results.json`` below ``runs_dir``."""
+    runs = []
+    for path in sorted(Path(runs_dir).rglob("results.json")):
+        record = json.loads(path.read_text())
+        if role is None or record.get("role") == role:
+            runs.append((record, path.parent))
+    return runs
 
 
 def collect(runs_dir: str | Path, role: str | None = "student") -> list[dict]:
     """Every ``results.json`` below ``runs_dir`` (optionally only one role)."""
-    results = []
-    for path in sorted(Path(runs_dir).rglob("results.json")):
-        record = json.loads(path.read_text())
-        if role is None or record.get("role") == role:
-            results.append(record)
-    return results
+    return [record for record, _ in _collect_runs(runs_dir, role)]
 
 
 def arm_label(record: dict) -> str:
@@ -133,3 +139,194 @@ def plot_arms(results: list[dict], path: Path, title: str, order: list[str] | No
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------ the report of a folder of runs
+
+REPORT_GROUPS = ("protocol", "overlap")
+# Parts of a sweep cell label that the report shows elsewhere (the group columns, the seed) or
+# puts first (the method).
+_SHOWN_ELSEWHERE = {"method", "seed", "data.student_offset"}
+
+
+def report_arm(record: dict) -> str:
+    """The arm of a run in :func:`write_report`.
+
+    A free-form label (``arm=...``, e.g. the demo's "student alone") is kept. A sweep's cell
+    label (``"method=rkd, data.student_offset=2"``) becomes the method followed by whatever else
+    was swept: ``"rkd"``, ``"refilled (ablation=triplet)"``; the class window is a row group.
+    """
+    label = record.get("arm")
+    if label and "=" in label:
+        rest = [p for p in label.split(", ") if p.partition("=")[0] not in _SHOWN_ELSEWHERE]
+        label = record["method"] + (f" ({', '.join(rest)})" if rest else "")
+    return arm_label({**record, "arm": label})
+
+
+def _fig_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(arms: list[str]) -> dict[str, tuple]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")
+    return {arm: cmap(i % cmap.N) for i, arm in enumerate(arms)}
+
+
+def plot_accuracy_vs_overlap(rows: list[dict], path: Path, arms: list[str]) -> None:
+    """Mean test accuracy against the class overlap, one line per arm, sample-std error bars."""
+    plt = _pyplot()
+    colors = _colors(arms)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, arm in enumerate(arms):
+        points = sorted((r["overlap"], r["test_mean"], r["test_std"]) for r in rows
+                        if r["arm"] == arm and r.get("overlap") is not None)
+        if not points:
+            continue
+        xs, ys, es = zip(*points)
+        dodge = 0.05 * (i - (len(arms) - 1) / 2)  # side by side, so the error bars stay readable
+        ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", ms=4, capsize=3, lw=1.2,
+                    color=colors[arm], label=arm)
+    overlaps = sorted({r["overlap"] for r in rows if r.get("overlap") is not None})
+    ax.set_xticks(overlaps)
+    ax.set_xlabel("class overlap (student classes the teacher knows)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    atomic_write_bytes(path, _fig_bytes(fig))
+
+
+def read_curve(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
+    """(training step, validation accuracy, loss) per epoch row of a run's ``metrics.csv``.
+
+    Steps accumulate over the stages, so a two-stage run and a single-stage run share an axis.
+    The validation accuracy is the classifier's; in a stage that trains no classifier (REFILLED's
+    stage 1) it is the nearest-class-mean accuracy. Empty when the file is missing.
+    """
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+
+    def number(text):
+        return float(text) if text not in (None, "") else None
+
+    curve, step = [], 0
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step += int(float(row.get("steps") or 0))
+            val = number(row.get("val_accuracy"))
+            if val is None:
+                val = number(row.get("val_ncm_accuracy"))
+            curve.append((step, val, number(row.get("loss"))))
+    return curve
+
+
+def plot_training_curves(runs: list[tuple[dict, Path]], path: Path, groups: list[tuple],
+                         arms: list[str]) -> None:
+    """Validation accuracy (top) and training loss (bottom) against training steps, one column
+    per row group, one curve per arm (mean over the seeds that have a value at that step)."""
+    plt = _pyplot()
+    colors = _colors(arms)
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups) + 1, 7), squeeze=False)
+    for col, group in enumerate(groups):
+        for arm in arms:
+            val: dict[int, list[float]] = {}
+            loss: dict[int, list[float]] = {}
+            for record, run_dir in runs:
+                if record["arm"] != arm or tuple(record.get(k) for k in REPORT_GROUPS) != group:
+                    continue
+                for step, v, l in read_curve(run_dir):
+                    if v is not None:
+                        val.setdefault(step, []).append(100 * v)
+                    if l is not None:
+                        loss.setdefault(step, []).append(l)
+            for ax, series in ((axes[0][col], val), (axes[1][col], loss)):
+                if series:
+                    xs = sorted(series)
+                    ax.plot(xs, [statistics.fmean(series[x]) for x in xs], lw=1.1,
+                            color=colors[arm], label=arm)
+        axes[0][col].set_title(", ".join(f"{k} {v}" for k, v in zip(REPORT_GROUPS, group)), fontsize=9)
+        axes[1][col].set_xlabel("training step")
+        if any(axes[1][col].get_lines()):
+            axes[1][col].set_yscale("log")
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    axes[1][0].set_ylabel("training loss (log scale)")
+    legend: dict[str, object] = {}  # one entry per arm, whichever panel drew it
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.86 if legend else 1, 1))
+    atomic_write_bytes(path, _fig_bytes(fig))
+
+
+def write_report(runs_dir: str | Path, out: str | Path | None = None, baseline: str = "ce") -> str:
+    """Tables and plots of every student run below ``runs_dir``; returns the markdown.
+
+    Rows are grouped by protocol and class overlap, then arm (:func:`report_arm`); each cell
+    gives the mean ± sample std of the test accuracy over seeds, n, and the per-seed paired
+    difference to the ``baseline`` arm of the same group. Writes ``report.md``, ``report.csv``,
+    ``accuracy_vs_overlap.png`` and ``training_curves.png`` into ``out`` (default ``runs_dir``).
+    """
+    runs = [({**record, "arm": report_arm(record)}, run_dir)
+            for record, run_dir in _collect_runs(runs_dir, "student")]
+    if not runs:
+        raise UserError(f"no student results.json below '{runs_dir}'; run experiments there first")
+    seen: dict[tuple, Path] = {}
+    for record, run_dir in runs:
+        key = (*(record.get(k) for k in REPORT_GROUPS), record["arm"], record["seed"])
+        if key in seen:
+            raise UserError(
+                f"two runs fall in the same report cell (arm '{record['arm']}', seed {record['seed']}, "
+                f"{', '.join(f'{k} {v}' for k, v in zip(REPORT_GROUPS, key))}): '{seen[key]}' and "
+                f"'{run_dir}'; give them different arm= labels or report them from separate folders"
+            )
+        seen[key] = run_dir
+    records = [record for record, _ in runs]
+    arms = sorted({r["arm"] for r in records}, key=lambda a: (a != baseline, a))
+    has_baseline = baseline in arms
+    rows = summarize(records, baseline=baseline if has_baseline else None, group_keys=REPORT_GROUPS)
+    rank = {arm: i for i, arm in enumerate(arms)}
+    rows.sort(key=lambda r: (-(r["overlap"] if r["overlap"] is not None else -1), str(r["protocol"]),
+                             rank[r["arm"]]))
+    groups = list(dict.fromkeys(tuple(r[k] for k in REPORT_GROUPS) for r in rows))
+
+    table = markdown_table(rows, group_keys=REPORT_GROUPS, baseline=baseline if has_baseline else None)
+    note = (f"Paired difference: per seed, the arm minus `{baseline}` in the same class window; "
+            "mean ± sample std over the seeds both have, and the half-width of its 95% confidence "
+            "interval (t distribution)." if has_baseline
+            else f"No run of the baseline arm `{baseline}`: no paired differences.")
+    text = "\n".join([
+        f"# Report: {runs_dir}",
+        "",
+        f"{len(records)} student runs. Test accuracy (%) after the last epoch: mean ± sample std "
+        "over seeds; n = number of seeds in the cell. " + note,
+        "",
+        table,
+        "",
+        "Figures: `accuracy_vs_overlap.png` (test accuracy against the class overlap, std error "
+        "bars), `training_curves.png` (validation accuracy and training loss, mean over seeds).",
+    ])
+    out_dir = Path(out) if out is not None else Path(runs_dir)
+    atomic_write_text(out_dir / "report.md", text + "\n")
+    write_csv(out_dir / "report.csv", rows)
+    plot_accuracy_vs_overlap(rows, out_dir / "accuracy_vs_overlap.png", arms)
+    plot_training_curves(runs, out_dir / "training_curves.png", groups, arms)
+    return text

@@ -149,6 +149,9 @@ class TensorLoader:
         device="cpu",
         seed: int = 0,
         sampler=None,
+        rank: int = 0,
+        world: int = 1,
+        channels_last: bool = False,
     ):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ConfigError("TensorLoader: images must be a uint8 tensor N x C x H x W")
@@ -172,6 +175,10 @@ class TensorLoader:
             raise ConfigError(f"TensorLoader: mean/std need 1 or {c} values for {c}-channel images")
         self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
         self.augment, self.seed, self.sampler = augment, int(seed), sampler
+        if world > 1 and self.batch_size % world:
+            raise ConfigError(f"TensorLoader: batch_size={batch_size} is not divisible by {world} processes")
+        # Under torchrun every rank draws the same global batches and keeps its own slice.
+        self.rank, self.world, self.channels_last = int(rank), int(world), channels_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -199,4 +206,9 @@ class TensorLoader:
             x = self.images[idx].float().div_(255.0)
             if self.augment is not None:
                 x = self.augment(x, gen)  # pads with 0 = black, before normalisation
-            yield (x - self.mean) / self.std, self.labels[idx]
+            x, y = (x - self.mean) / self.std, self.labels[idx]
+            if self.world > 1:  # augmentation drew for the whole global batch: same on every rank
+                x, y = x.chunk(self.world)[self.rank], y.chunk(self.world)[self.rank]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y

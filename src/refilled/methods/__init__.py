@@ -20,6 +20,8 @@ from refilled.methods.base import (
 )
 from refilled.methods.ce import CrossEntropy
 from refilled.methods.refilled import LocalClassifierDistillation, RelationMatching
+from refilled.methods import baselines  # noqa: E402,F401  registers kd, rkd, ... and refilled_stage1
+from refilled.methods import applications  # noqa: E402,F401  finetune, linear_probe, teacher_prototypes
 
 __all__ = [
     "METHOD_BUILDERS",

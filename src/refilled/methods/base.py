@@ -50,6 +50,10 @@ class Method(nn.Module):
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """The step, so that DistributedDataParallel(method) sees every forward it must sync."""
+        return self.step(x, y, epoch)
+
 
 @dataclass
 class Context:
@@ -61,6 +65,7 @@ class Context:
     task: Any  # refilled.protocols.Task
     teacher_centers: Callable[[], torch.Tensor]  # global teacher centres (computed once, cached)
     class_map: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # (student ids, teacher ids) shared
+    dist: Any = None  # refilled.engine.Dist under torchrun (None: one process)
 
 
 @dataclass

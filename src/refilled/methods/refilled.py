@@ -25,9 +25,13 @@ class RelationMatching(Method):
     Only the backbone trains; the classifier is untouched (and replaced before stage 2).
     """
 
-    def __init__(self, student, teacher: FrozenTeacher, cfg: Stage1Config):
+    def __init__(self, student, teacher: FrozenTeacher, cfg: Stage1Config, dist=None):
         super().__init__(student)
         self.teacher, self.cfg = teacher, cfg
+        # Under torchrun with speed.global_mining, tuples are mined over the global batch.
+        self.dist = dist
+        # The classifier takes no part in stage 1 (and gets no gradient, which DDP requires).
+        student.head.requires_grad_(False)
 
     def parameters_to_train(self) -> Iterator[nn.Parameter]:
         head = {id(p) for p in self.student.head.parameters()}
@@ -35,8 +39,11 @@ class RelationMatching(Method):
 
     def step(self, x, y, epoch):
         t_emb, _ = self.teacher(x)
+        s_emb = self.student.forward_features(x)
+        if self.dist is not None and self.dist.world > 1:
+            s_emb, t_emb, y = self.dist.gather(s_emb), self.dist.gather(t_emb), self.dist.gather(y)
         loss, num_tuples = relation_matching_terms(
-            self.student.forward_features(x), t_emb, y,
+            s_emb.float(), t_emb.float(), y,
             tau=self.cfg.tau, margin=self.cfg.margin, mode=self.cfg.mode, scale=self.cfg.scale,
         )
         empty = (num_tuples == 0).float()
@@ -67,7 +74,7 @@ class LocalClassifierDistillation(Method):
         centers = self.centers if self.cfg.centers == "global" else local_centers(t_emb, y, num_classes)
         weights = teacher_instance_weights(t_logits) if self.cfg.weighting else None
         distill = local_classifier_loss(
-            logits, t_emb, y, centers,
+            logits.float(), t_emb.float(), y, centers,
             tau_teacher=self.cfg.tau_teacher, tau_student=self.cfg.tau_student,
             weights=weights, normalize_teacher=self.cfg.normalize_teacher,
         )
@@ -81,7 +88,8 @@ def build_refilled(ctx: Context) -> list[Stage]:
     cfg, student, teacher = ctx.cfg, ctx.student, ctx.teacher
     stages = []
     if cfg.stage1.optim.epochs > 0:
-        stages.append(Stage("stage1", RelationMatching(student, teacher, cfg.stage1),
+        dist = ctx.dist if cfg.speed.global_mining else None
+        stages.append(Stage("stage1", RelationMatching(student, teacher, cfg.stage1, dist),
                             cfg.stage1.optim, validate="ncm"))
     centers = ctx.teacher_centers() if cfg.stage2.centers == "global" else None
 

@@ -39,6 +39,8 @@ class MobileNetV1(ClassifierModel):
 
         layers = [_conv_bn_relu(in_chans, ch(32), 3, 2)]
         in_ch = ch(32)
+        # a stage ends right before each later stride-2 block, and at the end of the network
+        self._stage_ends = [i + 1 for i, (_, stride) in enumerate(_BLOCKS) if stride == 2] + [len(_BLOCKS) + 1]
         for out, stride in _BLOCKS:
             layers.append(
                 nn.Sequential(
@@ -54,6 +56,15 @@ class MobileNetV1(ClassifierModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=(2, 3))
+
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The (B, C, H, W) output of each resolution (strides 2, 4, 8, 16, 32); the last is pooled."""
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i + 1 in self._stage_ends:
+                maps.append(x)
+        return maps
 
 
 @register_model

@@ -3,6 +3,8 @@
 Every model in the zoo is a `ClassifierModel`:
 
 * ``forward_features(x) -> (B, num_features)``: the embedding (globally pooled last feature map);
+* ``forward_maps(x) -> list of (B, C, H, W)``: the outputs of the network's stages in order, the
+  last being the map that ``forward_features`` pools (for feature-map distillation: AT, FitNet, SP);
 * ``forward_head(z) -> (B, num_classes)``: a single ``nn.Linear`` held in ``self.head``;
 * ``forward(x) = forward_head(forward_features(x))``;
 * ``reset_classifier(num_classes)`` swaps in a fresh head.
@@ -65,6 +67,9 @@ class ClassifierModel(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_maps(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def forward_head(self, z):

@@ -69,6 +69,14 @@ class CifarResNet(ClassifierModel):
         # every block ends with a ReLU, so the last feature map is already activated
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The (B, C, H, W) outputs of the three stages (widths 16/32/64); the last is pooled."""
+        maps, x = [], self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
 
 @register_pattern(r"resnet(\d+)", "resnet{6n+2}")
 def resnet(depth: int, num_classes: int, in_chans: int = 3) -> CifarResNet:

@@ -25,11 +25,12 @@ class SmallCNN(ClassifierModel):
     def __init__(self, widths=(16, 32, 64), convs_per_stage: int = 1, num_classes: int = 10, in_chans: int = 1):
         super().__init__()
         check_positive_int("in_chans", in_chans)
-        layers, in_ch = [], in_chans
+        layers, in_ch, self._stage_ends = [], in_chans, []
         for i, width in enumerate(widths):
             for _ in range(convs_per_stage):
                 layers += _conv_bn_relu(in_ch, width)
                 in_ch = width
+            self._stage_ends.append(len(layers))  # a stage's output is taken before its pooling
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -39,6 +40,15 @@ class SmallCNN(ClassifierModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=(2, 3))
+
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's (B, C, H, W) output before its max-pool; the last is what is pooled."""
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i + 1 in self._stage_ends:
+                maps.append(x)
+        return maps
 
 
 class MLP(ClassifierModel):
@@ -74,6 +84,15 @@ class MLP(ClassifierModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The two hidden layers' activations as (B, D, 1, 1) maps (an MLP has no spatial maps)."""
+        maps = []
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                maps.append(x[:, :, None, None])
+        return maps
 
 
 @register_model

@@ -77,6 +77,16 @@ class WideResNet(ClassifierModel):
         x = F.relu(self.bn(x))
         return x.mean(dim=(2, 3))
 
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The (B, C, H, W) outputs of the three groups; the last one after the final BN-ReLU,
+        i.e. the map that :meth:`forward_features` pools (the others are pre-activation sums)."""
+        maps, x = [], self.conv1(x)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        maps[-1] = F.relu(self.bn(maps[-1]))
+        return maps
+
 
 @register_pattern(r"wrn_(\d+)_(\d+)", "wrn_{depth}_{widen}")
 def wrn(depth: int, widen_factor: int, num_classes: int, in_chans: int = 3, drop_rate: float = 0.3) -> WideResNet:

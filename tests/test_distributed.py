@@ -1,0 +1,136 @@
+"""torchrun / DDP on CPU with gloo: the same loss and gradients as one process on the global batch."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from refilled.config import Stage1Config
+from refilled.engine import Dist
+from refilled.methods import CrossEntropy, FrozenTeacher, RelationMatching
+from refilled.models import create_model
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def models():
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(create_model("mlp", 6, 1, input_size=8, hidden_dim=24))
+    student = create_model("mlp", 4, 1, input_size=8, hidden_dim=16)
+    return teacher, student
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.arange(16) % 4
+
+
+def grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def worker(rank, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist = Dist(rank, WORLD)
+    x, y = batch()
+    xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    results = {}
+    cfg = Stage1Config(margin=0.5)
+    for name, make in {
+        "stage1_global": lambda s, t: RelationMatching(s, t, cfg, dist),
+        "stage1_local": lambda s, t: RelationMatching(s, t, cfg, None),
+        "ce": lambda s, t: CrossEntropy(s),
+    }.items():
+        teacher, student = models()
+        method = make(student, teacher)
+        model = DistributedDataParallel(method)
+        losses = model(xs, ys, 0)
+        loss = sum(v for k, v in losses.items() if not k.startswith("_"))
+        loss.backward()
+        results[name] = {"loss": loss.detach(), "grads": grads(student)}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def single(make, x, y):
+    teacher, student = models()
+    method = make(student, teacher)
+    losses = method(x, y, 0)
+    loss = sum(v for k, v in losses.items() if not k.startswith("_"))
+    loss.backward()
+    return loss.detach(), grads(student)
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    x, y = batch()
+    cfg = Stage1Config(margin=0.5)
+
+    # global mining: every rank's loss is the one-process loss on the global batch, and the
+    # averaged gradients equal the one-process gradients
+    loss, want = single(lambda s, t: RelationMatching(s, t, cfg), x, y)
+    assert loss.item() > 0
+    for r in ranks:
+        torch.testing.assert_close(r["stage1_global"]["loss"], loss)
+        assert want.keys() == r["stage1_global"]["grads"].keys()
+        for name in want:
+            torch.testing.assert_close(r["stage1_global"]["grads"][name], want[name], rtol=1e-4, atol=1e-6)
+    assert not any("head" in name for name in want)  # the classifier takes no part in stage 1
+
+    # local mining and CE: the gradients are the average of each rank's own-batch gradients
+    for key, make in (("stage1_local", lambda s, t: RelationMatching(s, t, cfg)),
+                      ("ce", lambda s, t: CrossEntropy(s))):
+        parts = [single(make, x.chunk(WORLD)[r], y.chunk(WORLD)[r]) for r in range(WORLD)]
+        for r in range(WORLD):
+            torch.testing.assert_close(ranks[r][key]["loss"], parts[r][0])
+            for name, g in parts[0][1].items():
+                mean = (g + parts[1][1][name]) / 2
+                torch.testing.assert_close(ranks[r][key]["grads"][name], mean, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this Python")
+def test_torchrun_end_to_end_on_cpu(tmp_path):
+    tree = {
+        "device": "cpu", "progress": False, "out_dir": str(tmp_path / "runs"),
+        "speed": {"global_mining": True},
+        "data": {"name": "digits", "teacher_classes": 5, "student_offset": 5,
+                 "train_per_class": 12, "val_per_class": 8},
+        "teacher": {"arch": "mlp", "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
+        "student": {"arch": "cnn_small"},
+        "train": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
+        "stage1": {"optim": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
+    }
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", f"--nproc_per_node={WORLD}", "-m", "refilled.cli", "run", str(config)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list((tmp_path / "runs").glob("digits-refilled-*/results.json"))
+    assert len(results) == 1
+    res = json.loads(results[0].read_text())
+    assert 0 <= res["test_accuracy"] <= 1 and res["stage1_ncm_accuracy"] is not None
+    rows = (results[0].parent / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 + 2
