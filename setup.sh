@@ -23,6 +23,20 @@ if [ ! -f "$fashion/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/nu
         || echo "setup: could not install dataset-fashion-mnist (no apt rights?); the demo will say where it looked" >&2
 fi
 
+# The glyphs dataset renders the fonts of these Debian packages (refilled.data.glyphs).
+fonts="fonts-dejavu-core fonts-freefont-ttf fonts-liberation2 fonts-urw-base35 fonts-noto-core"
+if [ ! -d /usr/share/fonts/truetype/noto ] || [ ! -d /usr/share/fonts/opentype/urw-base35 ] \
+    || [ ! -d /usr/share/fonts/truetype/liberation2 ] || [ ! -d /usr/share/fonts/truetype/freefont ] \
+    || [ ! -d /usr/share/fonts/truetype/dejavu ]; then
+    if command -v apt-get >/dev/null; then
+        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+        echo "setup: installing the font packages of the glyphs dataset: $fonts" >&2
+        $sudo apt-get install -y -qq $fonts >/dev/null 2>&1 \
+            || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq $fonts >/dev/null 2>&1; } \
+            || echo "setup: could not install $fonts (no apt rights?); the glyphs dataset will name what is missing" >&2
+    fi
+fi
+
 case "$mode" in
     demo) exec .venv/bin/refilled demo "$@" ;;
     test) exec .venv/bin/python -m pytest -q "$@" ;;

@@ -17,6 +17,7 @@ Exit status 1 when a ratio misses the target.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import statistics
@@ -42,18 +43,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(fn, batches, device, repeats):
-    for x, y in batches[:2]:  # warm-up
-        fn(x, y)
+def time_interleaved(fns: dict, batches, device, repeats) -> dict:
+    """Median seconds per call of each function, timed round-robin so drift hits all alike."""
+    for fn in fns.values():  # warm-up
+        for x, y in batches[:2]:
+            fn(x, y)
     sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for r in range(repeats):
         x, y = batches[r % len(batches)]
-        start = time.perf_counter()
-        fn(x, y)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(x, y)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv=None) -> int:
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     batch = args.batch or (256 if device.type == "cuda" else 64)
-    repeats = args.repeats or (50 if device.type == "cuda" else 10)
+    repeats = args.repeats or (100 if device.type == "cuda" or args.pair == "small" else 8)
     t_arch, s_arch, chans, size, classes = PAIRS[args.pair]
     torch.manual_seed(0)
 
@@ -96,15 +100,13 @@ def main(argv=None) -> int:
 
         return step
 
-    timings = {
-        "student CE step": time_steps(stepper(CrossEntropy(student)), batches, device, repeats),
-        "teacher forward": time_steps(lambda x, y: teacher(x), batches, device, repeats),
-        "REFILLED stage 1 step": time_steps(
-            stepper(RelationMatching(student, teacher, Stage1Config())), batches, device, repeats),
-        "REFILLED stage 2 step": time_steps(
-            stepper(LocalClassifierDistillation(student, teacher, Stage2Config(), centers)),
-            batches, device, repeats),
-    }
+    fresh = lambda: copy.deepcopy(student)  # noqa: E731 - each method trains its own copy
+    timings = time_interleaved({
+        "student CE step": stepper(CrossEntropy(fresh())),
+        "teacher forward": lambda x, y: teacher(x),
+        "REFILLED stage 1 step": stepper(RelationMatching(fresh(), teacher, Stage1Config())),
+        "REFILLED stage 2 step": stepper(LocalClassifierDistillation(fresh(), teacher, Stage2Config(), centers)),
+    }, batches, device, repeats)
     base = timings["student CE step"] + timings["teacher forward"]
     lines = ["| step | ms / batch | images / s | ratio to CE step + teacher forward |", "|---|---|---|---|"]
     for name, seconds in timings.items():

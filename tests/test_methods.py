@@ -203,8 +203,10 @@ def test_ablations_resolve_to_their_settings():
     assert c.method == "refilled" and c.train.lr == 0.01
     # an ablation does not change anything without it
     assert make_config(tree).stage1.optim.epochs == 7
-    assert set(ABLATIONS) == {"stage1_only", "stage2_only", "triplet", "local_centers", "no_weighting",
+    assert set(ABLATIONS) >= {"stage1_only", "stage2_only", "triplet", "local_centers", "no_weighting",
                               "cvpr", "cvpr_recon", "tpami"}
+    if "random_teacher" in ABLATIONS:
+        assert cfg("random_teacher").teacher.init == "random"
 
 
 def test_unknown_or_contradicted_ablation_is_an_error():

@@ -118,6 +118,9 @@ def test_report_arm_labels():
     assert report_arm({"method": "refilled", "arm": "ablation=triplet, data.student_offset=0"}) == (
         "refilled (ablation=triplet)")
     assert report_arm({"method": "ce", "arm": "student alone"}) == "student alone"
+    assert report_arm({"method": "sp", "arm": "base"}) == "sp"  # an older sweep of seeds only
+    assert report_arm({"method": "rkd", "arm": "rkd, data.student_offset=2"}) == "rkd"
+    assert report_arm({"method": "refilled", "arm": "refilled, stage2.lam=3"}) == "refilled (stage2.lam=3)"
     assert report_arm({"method": "refilled", "arm": None, "teacher_init": "random"}) == (
         "refilled (random teacher)")
 

@@ -25,7 +25,9 @@ def test_expand_gives_every_combination_in_order():
     assert expand(["a=1"]) == [["a=1"]]
     assert expand([]) == [[]]
     assert split_values("a,{b: 1, c: 2},[3]") == ["a", "{b: 1, c: 2}", "[3]"]
-    assert cell_label(["a=1", "b=x", "seed=0"], {"a", "seed"}) == "a=1"
+    assert cell_label(["a=1", "b=x", "seed=0"], {"a", "seed"}, "ce") == "ce, a=1"
+    assert cell_label(["method=kd", "seed=0"], {"method", "seed"}, "kd") == "kd"
+    assert cell_label(["a=2"], {"a"}, "refilled", arm="mine") == "mine, a=2"
 
 
 def test_sweep_run_twice_trains_nothing_the_second_time(tmp_path, monkeypatch, capsys):
@@ -33,7 +35,7 @@ def test_sweep_run_twice_trains_nothing_the_second_time(tmp_path, monkeypatch, c
     config.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "runs")}))
     overrides = ["method=ce,label_smoothing", "seed=0,1"]
     first = run_sweep(str(config), overrides, progress=False)
-    assert [r["cell"] for r in first["rows"]] == ["method=ce", "method=label_smoothing"]
+    assert [r["cell"] for r in first["rows"]] == ["ce", "label_smoothing"]
     assert all(r["n"] == 2 for r in first["rows"])
     results = sorted(Path(tmp_path / "runs").rglob("results.json"))
     assert len(results) == 4
@@ -47,7 +49,7 @@ def test_sweep_run_twice_trains_nothing_the_second_time(tmp_path, monkeypatch, c
     assert second["rows"] == first["rows"]
     assert [p.stat().st_mtime_ns for p in results] == mtimes
     assert (tmp_path / "runs" / "sweep_summary.md").is_file()
-    assert "method=label_smoothing" in capsys.readouterr().out
+    assert "| label_smoothing | 2 |" in capsys.readouterr().out
 
 
 def test_sweep_checks_every_cell_before_running_any(tmp_path):

@@ -28,7 +28,7 @@ PROTOCOLS = ("distill", "incremental", "fewshot")
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | digits | cifar100 | cub200 | image_folder
+    name: str = "fashion_mnist"  # fashion_mnist | digits | glyphs | cifar100 | cub200 | image_folder
     root: str | None = None  # None: the dataset's default location
     image_size: int | None = None  # cub200 / image_folder only
     class_order_seed: int | None = None  # None: natural class order
@@ -117,6 +117,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "triplet": {"method": "refilled", "stage1.mode": "triplet"},
     "local_centers": {"method": "refilled", "stage2.centers": "local"},
     "no_weighting": {"method": "refilled", "stage2.weighting": False},
+    # Control: the same pipeline with an untrained teacher (BN statistics calibrated).
+    "random_teacher": {"method": "refilled", "teacher.init": "random"},
     **{name: {"method": "refilled", "stage2.preset": name, **PRESETS[name]}
        for name in ("cvpr", "cvpr_recon", "tpami")},
 }

@@ -171,6 +171,8 @@ def config_digest(cfg: Config) -> str:
     tree = _changed(to_dict(cfg), to_dict(Config()))
     for key in ("out_dir", "name", "arm", "progress", "device", "eval_every"):
         tree.pop(key, None)
+    if not needs_teacher(cfg.method):
+        tree.pop("teacher", None)  # e.g. the student alone is the same run whatever the teacher
     return _digest(tree)
 
 
@@ -383,8 +385,15 @@ def run(cfg: Config, role: str = "student") -> dict:
                                   task.test.images, task.test.labels, mean, std, device)
 
     # The one look at the test split. A method that trains no classifier (stage 1 alone) is
-    # evaluated with its NCM classifier.
-    if stages[-1].validate == "ncm":
+    # evaluated with its NCM classifier; one that trains nothing (teacher_ncm), with the
+    # teacher's embedding and the class means of the student's training images.
+    if not stages:
+        def teacher_ncm(split: Split) -> float:
+            return ncm_eval(teacher.model, task.train.images, task.train.labels,
+                            split.images, split.labels, mean, std, device)
+
+        test_accuracy, final_val = teacher_ncm(task.test), teacher_ncm(task.val) if has_val else None
+    elif stages[-1].validate == "ncm":
         test_accuracy, final_val = stage1_ncm, val_ncm().get("val_ncm_accuracy")
     else:
         _, test_logits = predict(student, task.test.images, mean, std, device)

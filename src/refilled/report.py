@@ -153,14 +153,17 @@ def report_arm(record: dict) -> str:
     """The arm of a run in :func:`write_report`.
 
     A free-form label (``arm=...``, e.g. the demo's "student alone") is kept. A sweep's cell
-    label (``"method=rkd, data.student_offset=2"``) becomes the method followed by whatever else
-    was swept: ``"rkd"``, ``"refilled (ablation=triplet)"``; the class window is a row group.
+    label (``"rkd, data.student_offset=2"``: the arm or method, then the swept values) keeps
+    the name and whatever else was swept: ``"rkd"``, ``"refilled (ablation=triplet)"``; the class
+    window is a row group, not part of the arm.
     """
     label = record.get("arm")
-    if label and "=" in label:
-        rest = [p for p in label.split(", ") if p.partition("=")[0] not in _SHOWN_ELSEWHERE]
-        label = record["method"] + (f" ({', '.join(rest)})" if rest else "")
-    return arm_label({**record, "arm": label})
+    if not label:
+        return arm_label(record)
+    parts = label.split(", ")
+    name = parts[0] if "=" not in parts[0] and parts[0] != "base" else record["method"]
+    rest = [p for p in parts if "=" in p and p.partition("=")[0] not in _SHOWN_ELSEWHERE | {"method"}]
+    return arm_label({**record, "arm": name + (f" ({', '.join(rest)})" if rest else "")})
 
 
 def _fig_bytes(fig) -> bytes:
@@ -242,7 +245,8 @@ def plot_training_curves(runs: list[tuple[dict, Path]], path: Path, groups: list
     per row group, one curve per arm (mean over the seeds that have a value at that step)."""
     plt = _pyplot()
     colors = _colors(arms)
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups) + 1, 7), squeeze=False)
+    width = 4.2 * len(groups) + 2.2  # 2.2 inches on the right for the legend
+    fig, axes = plt.subplots(2, len(groups), figsize=(width, 7), squeeze=False)
     for col, group in enumerate(groups):
         for arm in arms:
             val: dict[int, list[float]] = {}
@@ -271,9 +275,11 @@ def plot_training_curves(runs: list[tuple[dict, Path]], path: Path, groups: list
         ax.grid(alpha=0.3)
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
+    right = 1 - 2.1 / width
+    fig.tight_layout(rect=(0, 0, right, 1))
     if legend:
-        fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.86 if legend else 1, 1))
+        fig.legend(list(legend.values()), list(legend), loc="center left", fontsize=8,
+                   bbox_to_anchor=(right, 0.5))
     atomic_write_bytes(path, _fig_bytes(fig))
 
 

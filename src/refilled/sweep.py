@@ -39,9 +39,10 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [list(cell) for cell in itertools.product(*axes)]
 
 
-def cell_label(cell: list[str], swept: set[str]) -> str:
-    shown = [o for o in cell if o.partition("=")[0] in swept and not o.startswith("seed=")]
-    return ", ".join(shown) or "base"
+def cell_label(cell: list[str], swept: set[str], method: str, arm: str | None = None) -> str:
+    """The arm a cell belongs to: the given ``arm=`` (or the method), then the swept values."""
+    shown = [o for o in cell if o.partition("=")[0] in swept - {"seed", "method", "arm"}]
+    return ", ".join([arm or method, *shown])
 
 
 def run_sweep(config_path: str | None, overrides: list[str], progress: bool = True) -> dict:
@@ -50,8 +51,12 @@ def run_sweep(config_path: str | None, overrides: list[str], progress: bool = Tr
     tree = load_yaml(config_path) if config_path else {}
     cells = expand(overrides)
     swept = {o.partition("=")[0] for o in overrides if len(split_values(o.partition("=")[2])) > 1}
-    configs = [make_config(tree, [*cell, f"arm={cell_label(cell, swept)}", "progress=false"])
-               for cell in cells]  # every cell is checked before the first one runs
+    configs = []
+    for cell in cells:  # every cell is checked before the first one runs
+        cfg = make_config(tree, [*cell, "progress=false"])
+        arm = cfg.arm if "arm" not in swept else None
+        configs.append(make_config(tree, [*cell, f"arm={cell_label(cell, swept, cfg.method, arm)}",
+                                          "progress=false"]))
     results = []
     for cfg in tqdm(configs, desc="sweep", disable=not progress, dynamic_ncols=True):
         results.append({**run(cfg), "arm": cfg.arm})

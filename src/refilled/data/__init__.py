@@ -11,6 +11,7 @@ from refilled.data.datasets import (
     load_fashion_mnist,
     load_image_folder,
 )
+from refilled.data.glyphs import GlyphSet, load_glyphs
 from refilled.data.loader import Augment, ClassBalancedSampler, TensorLoader, augment_batch, epoch_generator
 from refilled.data.splits import cap_per_class, class_order, class_window, select_classes, stratified_split
 
@@ -23,6 +24,8 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
+    "GlyphSet",
+    "load_glyphs",
     "load_image_folder",
     "Augment",
     "ClassBalancedSampler",

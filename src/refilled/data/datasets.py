@@ -56,6 +56,8 @@ class ImageSet:
 DATASET_INFO: dict[str, dict] = {
     "fashion_mnist": {"mean": (0.2860,), "std": (0.3530,), "flip": True, "pad": 2, "in_chans": 1},
     "digits": {"mean": (0.3053,), "std": (0.3759,), "flip": False, "pad": 1, "in_chans": 1},
+    # Rendered font glyphs (refilled.data.glyphs): stats of the whole rendered set; no flip.
+    "glyphs": {"mean": (0.0887,), "std": (0.2604,), "flip": False, "pad": 2, "in_chans": 1},
     "cifar100": {
         "mean": (0.5071, 0.4865, 0.4409),
         "std": (0.2673, 0.2564, 0.2762),
@@ -75,7 +77,7 @@ DATASET_INFO: dict[str, dict] = {
     "image_folder": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "flip": True, "pad": 4, "in_chans": 3},
 }
 
-DATASET_NAMES = ("fashion_mnist", "digits", "cifar100", "cub200", "image_folder")
+DATASET_NAMES = ("fashion_mnist", "digits", "glyphs", "cifar100", "cub200", "image_folder")
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -413,6 +415,10 @@ def load_dataset(name: str, root=None, split: str = "train", **kw) -> ImageSet:
         return load_fashion_mnist(root, split, **kw)
     if name == "digits":  # bundled with scikit-learn: root is ignored
         return load_digits(split, **kw)
+    if name == "glyphs":  # rendered from Debian's font packages; root is the cache folder
+        from refilled.data.glyphs import load_glyphs
+
+        return load_glyphs(root, split, **kw)
     if name == "cifar100":
         return load_cifar100(root, split, **kw)
     if name == "cub200":

@@ -14,6 +14,8 @@ What each method matches:
 ``fitnet``         the last feature map, through a trainable 1x1 conv + BN regressor from the
                    student's width to the teacher's (Romero et al. 2015; one joint stage)
 ``label_smoothing``  no teacher: CE with smoothed targets, the control for "soft targets"
+``teacher_ncm``    no training: the teacher's own embedding, cosine NCM with class means of the
+                   student's training images (a reference; evaluated by the protocol)
 =================  ================================================================================
 
 Feature maps come from the models' ``forward_maps``; the student's logits are computed from the
@@ -251,6 +253,13 @@ def build_fitnet(ctx: Context) -> list[Stage]:
 def build_label_smoothing(ctx: Context) -> list[Stage]:
     """The no-teacher control: CE with smoothed targets (``baselines.label_smoothing``)."""
     return [Stage("train", CrossEntropy(ctx.student, ctx.cfg.baselines.label_smoothing), ctx.cfg.train)]
+
+
+@register_method("teacher_ncm")
+def build_teacher_ncm(ctx: Context) -> list[Stage]:
+    """The reference with no stage: :func:`refilled.protocols.run` evaluates the teacher's
+    embedding with the normalised class means of the student's training images (cosine NCM)."""
+    return []
 
 
 @register_method("refilled_stage1")
