@@ -15,16 +15,10 @@ from refilled.errors import ConfigError
 from refilled.methods.applications import LinearProbe, copy_old_model
 from refilled.models import create_model
 from refilled.report import ci95
+from tiny import tiny
 
-TINY = {
-    "device": "cpu",
-    "progress": False,
-    "data": {"name": "digits", "teacher_classes": 5, "train_per_class": 12, "val_per_class": 8},
-    "teacher": {"arch": "mlp", "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
-    "student": {"arch": "mlp"},
-    "train": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-    "stage1": {"optim": {"epochs": 0, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
-}
+TINY = tiny(student={"arch": "mlp"},
+            stage1={"optim": {"epochs": 0, "batch_size": 20, "m_per_class": 4, "lr": 0.05}})
 COMMON = {"method", "role", "dataset", "protocol", "seed", "test_accuracy", "val_accuracy",
           "teacher_test_accuracy", "wall_seconds", "run_dir"}
 

@@ -13,6 +13,7 @@ from refilled.config import make_config
 from refilled.data import glyphs
 from refilled.data.splits import class_window
 from refilled.errors import DatasetNotFoundError
+from tiny import TINY
 
 
 def _fonts_installed() -> bool:
@@ -151,16 +152,6 @@ def test_scripts_are_grouped_and_windows_can_be_disjoint_alphabets(train_set):
 
 # ------------------------------------------------------------------ controls, end to end
 
-TINY = {
-    "device": "cpu",
-    "progress": False,
-    "data": {"name": "digits", "teacher_classes": 5, "student_offset": 5,
-             "train_per_class": 12, "val_per_class": 8},
-    "teacher": {"arch": "mlp", "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
-    "student": {"arch": "cnn_small"},
-    "train": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-    "stage1": {"optim": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
-}
 
 
 @pytest.fixture()

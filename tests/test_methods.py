@@ -12,19 +12,16 @@ from refilled.config import ABLATIONS, PRESETS, make_config
 from refilled.errors import ConfigError
 from refilled.methods.baselines import HintonKD, at_pairs, select_shared
 from refilled.models import create_model, list_models
+from tiny import tiny
 
 # The tiny digits setting of test_pipeline.py, one epoch per stage; the teacher is a small CNN
 # so that the feature-map methods (AT, FitNet) find maps of equal size.
-TINY = {
-    "device": "cpu",
-    "progress": False,
-    "data": {"name": "digits", "teacher_classes": 5, "student_offset": 2,
-             "train_per_class": 12, "val_per_class": 8},
-    "teacher": {"arch": "cnn_small", "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
-    "student": {"arch": "cnn_small"},
-    "train": {"epochs": 1, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-    "stage1": {"optim": {"epochs": 1, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
-}
+TINY = tiny(
+    data={"student_offset": 2},
+    teacher={"arch": "cnn_small", "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
+    train={"epochs": 1},
+    stage1={"optim": {"epochs": 1, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
+)
 METHODS = ["ce", "refilled", "refilled_stage1", "kd", "rkd", "fitnet", "at", "sp", "pkt", "label_smoothing"]
 
 

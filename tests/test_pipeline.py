@@ -5,19 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import TINY
 
 from refilled.cli import main
 
-TINY = {
-    "device": "cpu",
-    "progress": False,
-    "data": {"name": "digits", "teacher_classes": 5, "student_offset": 5,
-             "train_per_class": 12, "val_per_class": 8},
-    "teacher": {"arch": "mlp", "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
-    "student": {"arch": "cnn_small"},
-    "train": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-    "stage1": {"optim": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
-}
 RESULT_KEYS = {"method", "role", "dataset", "protocol", "seed", "test_accuracy", "val_accuracy",
                "stage1_ncm_accuracy", "teacher_test_accuracy", "wall_seconds"}
 

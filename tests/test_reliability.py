@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import TINY
 
 from refilled.cli import main
 from refilled.engine import atomic_write_bytes
 
-TINY = {
-    "device": "cpu",
-    "progress": False,
-    "data": {"name": "digits", "teacher_classes": 5, "student_offset": 5,
-             "train_per_class": 12, "val_per_class": 8},
-    "teacher": {"arch": "mlp", "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
-    "student": {"arch": "cnn_small"},
-    "train": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-    "stage1": {"optim": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
-}
 
 
 def write_config(tmp_path, tree, name="c.yaml"):

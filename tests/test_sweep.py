@@ -7,16 +7,9 @@ import yaml
 
 import refilled.protocols
 from refilled.sweep import cell_label, expand, run_sweep, split_values
+from tiny import tiny
 
-TINY = {
-    "device": "cpu",
-    "progress": False,
-    "method": "ce",
-    "data": {"name": "digits", "teacher_classes": 5, "student_offset": 5,
-             "train_per_class": 12, "val_per_class": 8},
-    "student": {"arch": "cnn_small"},
-    "train": {"epochs": 1, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-}
+TINY = tiny(method="ce", train={"epochs": 1})
 
 
 def test_expand_gives_every_combination_in_order():

@@ -50,21 +50,18 @@ import time
 
 import torch
 
-from refilled.config import Config, to_dict
+from refilled.config import Config
 from refilled.data import cap_per_class
 from refilled.engine import (
-    accuracy,
     atomic_torch_save,
     atomic_write_text,
     init_distributed,
     load_checkpoint,
-    ncm_eval,
     predict,
     seed_everything,
-    train_stage,
 )
 from refilled.errors import UserError
-from refilled.methods import Context, build_stages, needs_teacher
+from refilled.methods import needs_teacher
 from refilled.models import create_model
 from refilled.ncm import class_centers, ncm_accuracy, ncm_logits
 from refilled.protocols import (
@@ -76,9 +73,8 @@ from refilled.protocols import (
     check_batches,
     config_digest,
     get_teacher,
-    make_loader,
     save_model,
-    shared_classes,
+    train_student,
 )
 from refilled.report import ci95
 
@@ -263,36 +259,8 @@ def run_application(cfg: Config) -> dict:
     mean, std = task.info["mean"], task.info["std"]
     has_val = len(task.val.labels) > 0
 
-    def val_accuracy() -> dict:
-        if not has_val:
-            return {}
-        return {"val_accuracy": accuracy(predict(student, task.val.images, mean, std, device)[1],
-                                         task.val.labels)}
-
-    def val_ncm() -> dict:
-        if not has_val:
-            return {}
-        return {"val_ncm_accuracy": ncm_eval(student, task.train.images, task.train.labels,
-                                             task.val.images, task.val.labels, mean, std, device)}
-
-    ctx = Context(
-        cfg=cfg, student=student, teacher=teacher, task=task,
-        teacher_centers=lambda: _student_centers(teacher, task, run_dir, device),
-        class_map=lambda: shared_classes(cfg, task, device), dist=dist,
-    )
-    stages = build_stages(cfg.method, ctx)
-    history: list[dict] = []
-    for stage in stages:
-        if stage.prepare is not None:
-            stage.prepare()
-        loader = make_loader(task, task.train, stage.optim, seed=cfg.seed, device=device, dist=dist)
-        history += train_stage(
-            stage.name, stage.method, loader, stage.optim, run_dir,
-            validate=val_ncm if stage.validate == "ncm" else val_accuracy,
-            seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress,
-            earlier_rows=history, extra_state={"config": to_dict(cfg)}, dist=dist,
-            amp=cfg.speed.amp,
-        )
+    centers = lambda: _student_centers(teacher, task, run_dir, device)  # noqa: E731
+    stages, history = train_student(cfg, task, student, teacher, run_dir, device, dist, centers)
 
     # What is evaluated: the student's classifier; the NCM classifier of its embedding after
     # stage 1 alone; the teacher's embedding with prototypes for the reference.

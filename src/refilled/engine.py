@@ -68,8 +68,8 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    """Rewrite the whole metrics file from the rows (kept in the checkpoints) atomically."""
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write dict rows as CSV, atomically; the columns are the union of the rows' keys."""
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
@@ -341,7 +341,8 @@ def train_stage(
             },
             ckpt_path,
         )
-        write_metrics_csv(run_dir / "metrics.csv", [*earlier_rows, *history])
+        # the whole file, from the rows kept in the checkpoints
+        write_csv(run_dir / "metrics.csv", [*earlier_rows, *history])
         if progress and evaluated:
             shown = {k: v for k, v in row.items() if k not in ("stage", "epoch", "seconds")}
             tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(

@@ -346,58 +346,28 @@ def run(cfg: Config, role: str = "student") -> dict:
         # Compile the networks' passes; mining and the losses stay eager (data-dependent shapes).
         student.forward_features = torch.compile(student.forward_features)
     mean, std = task.info["mean"], task.info["std"]
-    has_val = len(task.val.labels) > 0
-
-    def val_accuracy() -> dict:
-        if not has_val:
-            return {}
-        _, logits = predict(student, task.val.images, mean, std, device)
-        return {"val_accuracy": accuracy(logits, task.val.labels)}
-
-    def val_ncm() -> dict:
-        if not has_val:
-            return {}
-        return {"val_ncm_accuracy": ncm_eval(student, task.train.images, task.train.labels,
-                                             task.val.images, task.val.labels, mean, std, device)}
-
-    ctx = Context(
-        cfg=cfg, student=student, teacher=teacher, task=task,
-        teacher_centers=lambda: teacher_centers(teacher, task, run_dir, device, dist),
-        class_map=lambda: shared_classes(cfg, task, device), dist=dist,
-    )
-    stages = build_stages(cfg.method, ctx)
-    history: list[dict] = []
+    centers = lambda: teacher_centers(teacher, task, run_dir, device, dist)  # noqa: E731
+    stages, history = train_student(cfg, task, student, teacher, run_dir, device, dist, centers,
+                                    channels_last=channels_last)
     stage1_ncm = None
-    for stage in stages:
-        if stage.prepare is not None:
-            stage.prepare()
-        loader = make_loader(task, task.train, stage.optim, seed=cfg.seed, device=device,
-                             dist=dist, channels_last=channels_last)
-        history += train_stage(
-            stage.name, stage.method, loader, stage.optim, run_dir,
-            validate=val_ncm if stage.validate == "ncm" else val_accuracy,
-            seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress and dist.is_main,
-            earlier_rows=history, extra_state={"config": to_dict(cfg)}, dist=dist,
-            amp=cfg.speed.amp,
-        )
-        if stage.validate == "ncm":
-            stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
-                                  task.test.images, task.test.labels, mean, std, device)
+    if any(stage.validate == "ncm" for stage in stages):
+        stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
+                              task.test.images, task.test.labels, mean, std, device)
 
     # The one look at the test split. A method that trains no classifier (stage 1 alone) is
     # evaluated with its NCM classifier; one that trains nothing (teacher_ncm), with the
     # teacher's embedding and the class means of the student's training images.
     if not stages:
-        def teacher_ncm(split: Split) -> float:
-            return ncm_eval(teacher.model, task.train.images, task.train.labels,
-                            split.images, split.labels, mean, std, device)
-
-        test_accuracy, final_val = teacher_ncm(task.test), teacher_ncm(task.val) if has_val else None
+        test_accuracy = ncm_eval(teacher.model, task.train.images, task.train.labels,
+                                 task.test.images, task.test.labels, mean, std, device)
+        final_val = validation(teacher.model, task, device, "ncm").get("val_ncm_accuracy")
     elif stages[-1].validate == "ncm":
-        test_accuracy, final_val = stage1_ncm, val_ncm().get("val_ncm_accuracy")
+        test_accuracy = stage1_ncm
+        final_val = validation(student, task, device, "ncm").get("val_ncm_accuracy")
     else:
         _, test_logits = predict(student, task.test.images, mean, std, device)
-        test_accuracy, final_val = accuracy(test_logits, task.test.labels), val_accuracy().get("val_accuracy")
+        test_accuracy = accuracy(test_logits, task.test.labels)
+        final_val = validation(student, task, device, "accuracy").get("val_accuracy")
     if dist.is_main:
         save_model(run_dir / "model.pt", student, arch, kwargs, {"in_chans": task.info["in_chans"]})
     results = {
@@ -425,6 +395,44 @@ def run(cfg: Config, role: str = "student") -> dict:
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     dist.barrier()  # the other ranks may read what rank 0 wrote (e.g. a teacher's model.pt)
     return results
+
+
+def validation(model, task: Task, device, kind: str) -> dict:
+    """Validation metrics of ``model``: its classifier (``"accuracy"``) or its NCM (``"ncm"``)."""
+    if not len(task.val.labels):
+        return {}
+    mean, std = task.info["mean"], task.info["std"]
+    if kind == "ncm":
+        return {"val_ncm_accuracy": ncm_eval(model, task.train.images, task.train.labels,
+                                             task.val.images, task.val.labels, mean, std, device)}
+    _, logits = predict(model, task.val.images, mean, std, device)
+    return {"val_accuracy": accuracy(logits, task.val.labels)}
+
+
+def train_student(cfg: Config, task: Task, student, teacher, run_dir: Path, device, dist: Dist,
+                  centers, channels_last: bool = False) -> tuple[list, list[dict]]:
+    """Build the method's stages and train them in order, each resuming from its checkpoint.
+
+    ``centers`` computes the global teacher centres of the student's classes when a stage needs
+    them. Returns the stages and the per-epoch metric rows of all of them.
+    """
+    ctx = Context(cfg=cfg, student=student, teacher=teacher, task=task, teacher_centers=centers,
+                  class_map=lambda: shared_classes(cfg, task, device), dist=dist)
+    stages = build_stages(cfg.method, ctx)
+    history: list[dict] = []
+    for stage in stages:
+        if stage.prepare is not None:
+            stage.prepare()
+        loader = make_loader(task, task.train, stage.optim, seed=cfg.seed, device=device,
+                             dist=dist, channels_last=channels_last)
+        history += train_stage(
+            stage.name, stage.method, loader, stage.optim, run_dir,
+            validate=lambda kind=stage.validate: validation(student, task, device, kind),
+            seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress and dist.is_main,
+            earlier_rows=history, extra_state={"config": to_dict(cfg)}, dist=dist,
+            amp=cfg.speed.amp,
+        )
+    return stages, history
 
 
 def teacher_centers(teacher: FrozenTeacher, task: Task, run_dir: Path, device, dist: Dist = Dist()):

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from refilled.engine import atomic_write_bytes, atomic_write_text
+from refilled.engine import write_csv  # noqa: F401  (one CSV writer; re-exported for callers)
 from refilled.errors import UserError
 
 
@@ -99,17 +100,6 @@ def markdown_table(rows: list[dict], group_keys=("protocol",), baseline: str | N
                 cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, out.getvalue())
 
 
 def plot_arms(results: list[dict], path: Path, title: str, order: list[str] | None = None) -> None:

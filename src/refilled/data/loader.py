@@ -24,6 +24,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) << 20) + int(epoch))
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor (indices, offsets) to ``device`` without a host sync on CUDA:
+    through pinned memory, asynchronously (the caching host allocator keeps it alive)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random zero-pad-and-crop (per-sample offsets) and random horizontal flip of a float batch.
 
@@ -44,7 +52,7 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
     if flip:
         flipped = torch.rand(b, generator=generator) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
+    rows, cols = to_device(rows, x.device), to_device(cols, x.device)
     # Gather rows, then columns: out[i, c, r, q] = x[i, c, rows[i, r], cols[i, q]].
     x = x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
     return x.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
@@ -202,7 +210,7 @@ class TensorLoader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         gen = epoch_generator(self.seed, epoch)  # shuffling and augmentation of this epoch
         for idx in self._batch_indices(gen, epoch):
-            idx = idx.to(self.device)
+            idx = to_device(idx, self.device)
             x = self.images[idx].float().div_(255.0)
             if self.augment is not None:
                 x = self.augment(x, gen)  # pads with 0 = black, before normalisation
