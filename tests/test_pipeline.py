@@ -37,6 +37,21 @@ def test_refilled_end_to_end_writes_a_complete_run(config_file, capsys, tmp_path
     for name in ("config.yaml", "metrics.csv", "model.pt", "results.json", "stage1.ckpt",
                  "stage2.ckpt", "teacher_centers.pt"):
         assert (run_dir / name).is_file(), name
+    # stage1_ncm_accuracy is the embedding right after stage 1, not after stage 2
+    import torch
+
+    from refilled.config import load_config
+    from refilled.engine import ncm_eval
+    from refilled.models import create_model
+    from refilled.protocols import build_task
+
+    task = build_task(load_config(config_file), "student")
+    after_stage1 = create_model("cnn_small", 5, 1)
+    state = torch.load(run_dir / "stage1.ckpt", weights_only=False)["method"]
+    after_stage1.load_state_dict({k.removeprefix("student."): v for k, v in state.items()})
+    args = (task.train.images, task.train.labels, task.test.images, task.test.labels,
+            task.info["mean"], task.info["std"], "cpu")
+    assert ncm_eval(after_stage1, *args) == pytest.approx(res["stage1_ncm_accuracy"])
     metrics = (run_dir / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("stage,epoch") and len(metrics) == 1 + 2 + 2
     assert any(line.startswith("stage1,") for line in metrics)

@@ -260,7 +260,7 @@ def run_application(cfg: Config) -> dict:
     has_val = len(task.val.labels) > 0
 
     centers = lambda: _student_centers(teacher, task, run_dir, device)  # noqa: E731
-    stages, history = train_student(cfg, task, student, teacher, run_dir, device, dist, centers)
+    stages, history, _ = train_student(cfg, task, student, teacher, run_dir, device, dist, centers)
 
     # What is evaluated: the student's classifier; the NCM classifier of its embedding after
     # stage 1 alone; the teacher's embedding with prototypes for the reference.

@@ -347,12 +347,8 @@ def run(cfg: Config, role: str = "student") -> dict:
         student.forward_features = torch.compile(student.forward_features)
     mean, std = task.info["mean"], task.info["std"]
     centers = lambda: teacher_centers(teacher, task, run_dir, device, dist)  # noqa: E731
-    stages, history = train_student(cfg, task, student, teacher, run_dir, device, dist, centers,
-                                    channels_last=channels_last)
-    stage1_ncm = None
-    if any(stage.validate == "ncm" for stage in stages):
-        stage1_ncm = ncm_eval(student, task.train.images, task.train.labels,
-                              task.test.images, task.test.labels, mean, std, device)
+    stages, history, stage1_ncm = train_student(cfg, task, student, teacher, run_dir, device, dist,
+                                                centers, channels_last=channels_last, ncm_split=task.test)
 
     # The one look at the test split. A method that trains no classifier (stage 1 alone) is
     # evaluated with its NCM classifier; one that trains nothing (teacher_ncm), with the
@@ -410,16 +406,19 @@ def validation(model, task: Task, device, kind: str) -> dict:
 
 
 def train_student(cfg: Config, task: Task, student, teacher, run_dir: Path, device, dist: Dist,
-                  centers, channels_last: bool = False) -> tuple[list, list[dict]]:
+                  centers, channels_last: bool = False, ncm_split: Split | None = None):
     """Build the method's stages and train them in order, each resuming from its checkpoint.
 
     ``centers`` computes the global teacher centres of the student's classes when a stage needs
-    them. Returns the stages and the per-epoch metric rows of all of them.
+    them. Returns the stages, the per-epoch metric rows of all of them, and the NCM accuracy on
+    ``ncm_split`` of the embedding right after the stage that trains only the embedding
+    (stage 1; None when there is no such stage or no split).
     """
     ctx = Context(cfg=cfg, student=student, teacher=teacher, task=task, teacher_centers=centers,
                   class_map=lambda: shared_classes(cfg, task, device), dist=dist)
     stages = build_stages(cfg.method, ctx)
     history: list[dict] = []
+    embedding_ncm = None
     for stage in stages:
         if stage.prepare is not None:
             stage.prepare()
@@ -432,7 +431,10 @@ def train_student(cfg: Config, task: Task, student, teacher, run_dir: Path, devi
             earlier_rows=history, extra_state={"config": to_dict(cfg)}, dist=dist,
             amp=cfg.speed.amp,
         )
-    return stages, history
+        if stage.validate == "ncm" and ncm_split is not None:  # before a later stage moves it
+            embedding_ncm = ncm_eval(student, task.train.images, task.train.labels, ncm_split.images,
+                                     ncm_split.labels, task.info["mean"], task.info["std"], device)
+    return stages, history, embedding_ncm
 
 
 def teacher_centers(teacher: FrozenTeacher, task: Task, run_dir: Path, device, dist: Dist = Dist()):
