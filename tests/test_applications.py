@@ -1,6 +1,5 @@
 """One-step incremental and few-shot protocols: end to end on tiny digits, and their pieces."""
 
-import json
 import math
 from pathlib import Path
 
@@ -9,13 +8,12 @@ import torch
 import yaml
 
 from refilled.applications import episode_accuracies, sample_episodes
-from refilled.cli import main
 from refilled.config import make_config
 from refilled.errors import ConfigError
 from refilled.methods.applications import LinearProbe, copy_old_model
 from refilled.models import create_model
 from refilled.report import ci95
-from tiny import tiny
+from tiny import run_cli, tiny
 
 TINY = tiny(student={"arch": "mlp"},
             stage1={"optim": {"epochs": 0, "batch_size": 20, "m_per_class": 4, "lr": 0.05}})
@@ -34,10 +32,6 @@ def write_config(out_dir, name, extra):
     return path
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 and out.startswith("{") else None), err
 
 
 def test_incremental_end_to_end(out_dir, capsys):

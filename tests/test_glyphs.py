@@ -1,6 +1,5 @@
 """The glyphs dataset (rendered from Debian's font packages) and the controls of issue 8."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +7,11 @@ import pytest
 import torch
 import yaml
 
-from refilled.cli import main
 from refilled.config import make_config
 from refilled.data import glyphs
 from refilled.data.splits import class_window
 from refilled.errors import DatasetNotFoundError
-from tiny import TINY
+from tiny import TINY, run_cli
 
 
 def _fonts_installed() -> bool:
@@ -161,10 +159,6 @@ def config_file(tmp_path):
     return path
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 and out.startswith("{") else None), err
 
 
 def test_teacher_ncm_reference_trains_nothing(config_file, capsys, tmp_path):

@@ -1,18 +1,16 @@
 """Baseline methods, REFILLED's stage-1-only method, ablations and the forward_maps contract."""
 
-import json
 
 import pytest
 import torch
 import yaml
 
 from refilled.baseline_losses import kd_loss
-from refilled.cli import main
 from refilled.config import ABLATIONS, PRESETS, make_config
 from refilled.errors import ConfigError
 from refilled.methods.baselines import HintonKD, at_pairs, select_shared
 from refilled.models import create_model, list_models
-from tiny import tiny
+from tiny import run_cli, tiny
 
 # The tiny digits setting of test_pipeline.py, one epoch per stage; the teacher is a small CNN
 # so that the feature-map methods (AT, FitNet) find maps of equal size.
@@ -33,10 +31,6 @@ def config_file(tmp_path_factory):
     return path
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 else None), err
 
 
 # ------------------------------------------------------------------ every method end to end

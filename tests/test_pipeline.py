@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import TINY
+from tiny import TINY, run_cli
 
-from refilled.cli import main
 
 RESULT_KEYS = {"method", "role", "dataset", "protocol", "seed", "test_accuracy", "val_accuracy",
                "stage1_ncm_accuracy", "teacher_test_accuracy", "wall_seconds"}
@@ -20,10 +19,6 @@ def config_file(tmp_path):
     return path
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 and out.startswith("{") else None), err
 
 
 def test_refilled_end_to_end_writes_a_complete_run(config_file, capsys, tmp_path):

@@ -1,6 +1,5 @@
 """Nothing lost on a kill, clear errors on bad input, same seed same result (issue 7)."""
 
-import json
 import os
 import random
 import signal
@@ -12,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import TINY
+from tiny import TINY, run_cli
 
-from refilled.cli import main
 from refilled.engine import atomic_write_bytes
 
 
@@ -25,10 +23,6 @@ def write_config(tmp_path, tree, name="c.yaml"):
     return path
 
 
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 and out.startswith("{") else None), err
 
 
 def state_of(run_dir):
@@ -64,7 +58,7 @@ def test_sigkill_in_stage1_and_stage2_then_resume_matches_uninterrupted(tmp_path
             "train": {**TINY["train"], "epochs": 8}}
     config = write_config(tmp_path, tree)
     # the shared teacher first, so that the kills land in the student's stages
-    code, reference, err = cli(capsys, "run", config, f"out_dir={tmp_path / 'ref'}")
+    code, reference, err = run_cli(capsys, "run", config, f"out_dir={tmp_path / 'ref'}")
     assert code == 0, err
     killed_dir = tmp_path / "killed"
     teacher = next((tmp_path / "ref").glob("teacher-*"))
@@ -83,7 +77,7 @@ def test_sigkill_in_stage1_and_stage2_then_resume_matches_uninterrupted(tmp_path
         assert 1 <= epoch < 8, f"{stage} was not interrupted mid-way (epoch {epoch})"
         assert not list(killed_dir.glob("*/results.json"))
         assert not list(killed_dir.rglob("*.tmp")) or True  # a temp file may remain; never read
-    code, resumed, err = cli(capsys, "run", config, f"out_dir={killed_dir}", f"teacher.checkpoint={teacher}")
+    code, resumed, err = run_cli(capsys, "run", config, f"out_dir={killed_dir}", f"teacher.checkpoint={teacher}")
     assert code == 0, err
     for key in ("test_accuracy", "val_accuracy", "stage1_ncm_accuracy"):
         assert resumed[key] == reference[key], key
@@ -93,7 +87,7 @@ def test_sigkill_in_stage1_and_stage2_then_resume_matches_uninterrupted(tmp_path
 
 
 def test_checkpoints_describe_themselves(tmp_path, capsys):
-    code, res, err = cli(capsys, "run", write_config(tmp_path, {**TINY, "out_dir": str(tmp_path)}))
+    code, res, err = run_cli(capsys, "run", write_config(tmp_path, {**TINY, "out_dir": str(tmp_path)}))
     assert code == 0, err
     ckpt = torch.load(Path(res["run_dir"]) / "stage2.ckpt", weights_only=False)
     assert {"method", "optimizer", "scheduler", "epoch", "stage", "rng", "config", "history"} <= ckpt.keys()
@@ -123,13 +117,13 @@ def test_same_config_and_seed_give_identical_results(tmp_path, capsys):
     config = write_config(tmp_path, TINY)
     runs = []
     for out in ("a", "b"):
-        code, res, err = cli(capsys, "run", config, f"out_dir={tmp_path / out}")
+        code, res, err = run_cli(capsys, "run", config, f"out_dir={tmp_path / out}")
         assert code == 0, err
         runs.append(res)
     for key in ("test_accuracy", "val_accuracy", "stage1_ncm_accuracy", "teacher_test_accuracy"):
         assert runs[0][key] == runs[1][key]
     assert_same_weights(state_of(runs[0]["run_dir"]), state_of(runs[1]["run_dir"]))
-    code, other, _ = cli(capsys, "run", config, f"out_dir={tmp_path / 'a'}", "seed=1")
+    code, other, _ = run_cli(capsys, "run", config, f"out_dir={tmp_path / 'a'}", "seed=1")
     assert code == 0
     assert not all(torch.equal(v, state_of(other["run_dir"])[k]) for k, v in state_of(runs[0]["run_dir"]).items())
 
@@ -140,7 +134,7 @@ def test_same_config_and_seed_give_identical_results(tmp_path, capsys):
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, capsys):
     config = write_config(tmp_path, {**TINY, "out_dir": str(tmp_path), "method": "ce",
                                      "train": {**TINY["train"], "epochs": 3, "lr": 1e30}})
-    code, _, err = cli(capsys, "run", config)
+    code, _, err = run_cli(capsys, "run", config)
     assert code == 2 and "NaN or infinite at epoch" in err and "step" in err and "Traceback" not in err
     for ckpt in tmp_path.glob("digits-ce-*/train.ckpt"):
         state = torch.load(ckpt, weights_only=False)["method"]
@@ -150,11 +144,11 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, capsys):
 
 def test_empty_mining_is_counted_not_an_error(tmp_path, capsys):
     config = write_config(tmp_path, {**TINY, "out_dir": str(tmp_path)})
-    code, res, err = cli(capsys, "run", config, "stage1.margin=0")  # no semi-hard negative exists
+    code, res, err = run_cli(capsys, "run", config, "stage1.margin=0")  # no semi-hard negative exists
     assert code == 0, err
     steps = 2 * (5 * 12 // 20)
     assert res["empty_mining_batches"] == steps
-    code, res, err = cli(capsys, "run", config)
+    code, res, err = run_cli(capsys, "run", config)
     assert code == 0 and res["empty_mining_batches"] < steps
 
 
@@ -177,7 +171,7 @@ def test_empty_mining_is_counted_not_an_error(tmp_path, capsys):
 )
 def test_bad_input_is_one_clear_line_before_training(tmp_path, capsys, overrides, message):
     config = write_config(tmp_path, {**TINY, "out_dir": str(tmp_path / "runs")})
-    code, _, err = cli(capsys, "run", config, *overrides)
+    code, _, err = run_cli(capsys, "run", config, *overrides)
     assert code == 2, err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert not list((tmp_path / "runs").glob("teacher-*/*.ckpt")), "something trained first"
@@ -187,17 +181,17 @@ def test_bad_teacher_checkpoints(tmp_path, capsys):
     config = write_config(tmp_path, {**TINY, "out_dir": str(tmp_path / "runs")})
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"this is not a checkpoint")
-    code, _, err = cli(capsys, "run", config, f"teacher.checkpoint={corrupt}")
+    code, _, err = run_cli(capsys, "run", config, f"teacher.checkpoint={corrupt}")
     assert code == 2 and "cannot be read" in err
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
-    code, _, err = cli(capsys, "run", config, f"teacher.checkpoint={tmp_path / 'foreign.pt'}")
+    code, _, err = run_cli(capsys, "run", config, f"teacher.checkpoint={tmp_path / 'foreign.pt'}")
     assert code == 2 and "not a refilled model checkpoint" in err
     # right architecture name, wrong size (another hidden width): the weights do not fit
-    code, res, _ = cli(capsys, "run", config, "method=ce", "student.arch=mlp")
+    code, res, _ = run_cli(capsys, "run", config, "method=ce", "student.arch=mlp")
     saved = torch.load(Path(res["run_dir"]) / "model.pt", weights_only=False)
     saved["kwargs"] = {"hidden_dim": 64}
     torch.save(saved, tmp_path / "resized.pt")
-    code, _, err = cli(capsys, "run", config, f"teacher.checkpoint={tmp_path / 'resized.pt'}")
+    code, _, err = run_cli(capsys, "run", config, f"teacher.checkpoint={tmp_path / 'resized.pt'}")
     assert code == 2 and "does not fit" in err
 
 
@@ -205,5 +199,5 @@ def test_unwritable_run_directory(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     config = write_config(tmp_path, {**TINY, "out_dir": str(blocker / "runs")})
-    code, _, err = cli(capsys, "run", config)
+    code, _, err = run_cli(capsys, "run", config)
     assert code == 2 and "cannot write the run directory" in err

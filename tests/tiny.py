@@ -23,3 +23,14 @@ def tiny(**sections) -> dict:
         else:
             tree[key] = value
     return tree
+
+
+def run_cli(capsys, *args):
+    """``refilled ARGS`` in-process: (exit code, the printed results or None, stderr)."""
+    import json
+
+    from refilled.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 and out.startswith("{") else None), err

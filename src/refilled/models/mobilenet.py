@@ -6,11 +6,16 @@ pooling makes it work on any input of at least 32 px (e.g. 84 for mini-ImageNet,
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from refilled.errors import ConfigError
-from refilled.models.registry import ClassifierModel, check_positive_int, init_weights, register_model
+from refilled.models.registry import (
+    ClassifierModel,
+    SequentialStages,
+    check_positive_int,
+    init_weights,
+    register_model,
+)
 
 # (output channels at width 1.0, stride) of the 13 depthwise-separable blocks
 _BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
@@ -24,7 +29,7 @@ def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int
     )
 
 
-class MobileNetV1(ClassifierModel):
+class MobileNetV1(SequentialStages, ClassifierModel):
     default_input_size = 224
 
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, in_chans: int = 3):
@@ -53,18 +58,6 @@ class MobileNetV1(ClassifierModel):
         self.num_features = in_ch  # int(1024 * width_mult)
         self._init_head(num_classes)
         init_weights(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
-
-    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The (B, C, H, W) output of each resolution (strides 2, 4, 8, 16, 32); the last is pooled."""
-        maps = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i + 1 in self._stage_ends:
-                maps.append(x)
-        return maps
 
 
 @register_model

@@ -48,6 +48,26 @@ def init_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class SequentialStages(nn.Module):
+    """For models whose trunk is one ``nn.Sequential`` (``self.features``) ending in the map
+    that is pooled: ``self._stage_ends`` lists, as 1-based layer counts, where stages end."""
+
+    features: nn.Sequential
+    _stage_ends: list[int]
+
+    def forward_features(self, x):
+        return self.features(x).mean(dim=(2, 3))
+
+    def forward_maps(self, x):
+        """Each stage's (B, C, H, W) output, in order; the last is the map that is pooled."""
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i + 1 in self._stage_ends:
+                maps.append(x)
+        return maps
+
+
 def check_positive_int(name: str, value: object) -> int:
     """Validate a size-like argument (num_classes, in_chans, ...) and return it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

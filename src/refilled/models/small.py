@@ -10,14 +10,20 @@ import torch
 import torch.nn as nn
 
 from refilled.errors import ConfigError
-from refilled.models.registry import ClassifierModel, check_positive_int, init_weights, register_model
+from refilled.models.registry import (
+    ClassifierModel,
+    SequentialStages,
+    check_positive_int,
+    init_weights,
+    register_model,
+)
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
     return [nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
 
 
-class SmallCNN(ClassifierModel):
+class SmallCNN(SequentialStages, ClassifierModel):
     """Three stages of ``convs_per_stage`` conv-BN-ReLU; 2x2 max-pool after stages 1 and 2."""
 
     default_input_size = 28
@@ -37,18 +43,6 @@ class SmallCNN(ClassifierModel):
         self.num_features = in_ch
         self._init_head(num_classes)
         init_weights(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
-
-    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each stage's (B, C, H, W) output before its max-pool; the last is what is pooled."""
-        maps = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i + 1 in self._stage_ends:
-                maps.append(x)
-        return maps
 
 
 class MLP(ClassifierModel):
