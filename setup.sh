@@ -14,28 +14,24 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     "${TORCH_SPEC:-torch==2.13.0}" -e ".[test]"
 
-fashion=/usr/share/datasets/fashion-mnist
-if [ ! -f "$fashion/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then
-    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
-    echo "setup: installing Debian's dataset-fashion-mnist into $fashion" >&2
-    $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
-        || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
-        || echo "setup: could not install dataset-fashion-mnist (no apt rights?); the demo will say where it looked" >&2
-fi
+# Best effort: install Debian packages the data needs; say so when it cannot (no apt, no rights).
+apt_install() {
+    command -v apt-get >/dev/null || return 0
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    echo "setup: installing Debian's $*" >&2
+    $sudo apt-get install -y -qq "$@" >/dev/null 2>&1 \
+        || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq "$@" >/dev/null 2>&1; } \
+        || echo "setup: could not install $* (no apt rights?); refilled will say what is missing" >&2
+}
 
-# The glyphs dataset renders the fonts of these Debian packages (refilled.data.glyphs).
-fonts="fonts-dejavu-core fonts-freefont-ttf fonts-liberation2 fonts-urw-base35 fonts-noto-core"
-if [ ! -d /usr/share/fonts/truetype/noto ] || [ ! -d /usr/share/fonts/opentype/urw-base35 ] \
-    || [ ! -d /usr/share/fonts/truetype/liberation2 ] || [ ! -d /usr/share/fonts/truetype/freefont ] \
-    || [ ! -d /usr/share/fonts/truetype/dejavu ]; then
-    if command -v apt-get >/dev/null; then
-        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
-        echo "setup: installing the font packages of the glyphs dataset: $fonts" >&2
-        $sudo apt-get install -y -qq $fonts >/dev/null 2>&1 \
-            || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq $fonts >/dev/null 2>&1; } \
-            || echo "setup: could not install $fonts (no apt rights?); the glyphs dataset will name what is missing" >&2
+# Fashion-MNIST for the demo, and the fonts the glyphs dataset renders (refilled.data.glyphs).
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_install dataset-fashion-mnist
+for dir in truetype/dejavu truetype/freefont truetype/liberation2 opentype/urw-base35 truetype/noto; do
+    if [ ! -d "/usr/share/fonts/$dir" ]; then
+        apt_install fonts-dejavu-core fonts-freefont-ttf fonts-liberation2 fonts-urw-base35 fonts-noto-core
+        break
     fi
-fi
+done
 
 case "$mode" in
     demo) exec .venv/bin/refilled demo "$@" ;;
