@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,6 @@ from refilled.methods import CrossEntropy, FrozenTeacher, RelationMatching
 from refilled.models import create_model
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def models():
@@ -43,11 +36,13 @@ def grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def worker(rank, port, out_dir):
+def worker(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # loopback only, and a file rendezvous: no interface guessing, no port to race for
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous",
+                                         rank=rank, world_size=WORLD)
     dist = Dist(rank, WORLD)
     x, y = batch()
     xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
@@ -79,7 +74,7 @@ def single(make, x, y):
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     x, y = batch()
     cfg = Stage1Config(margin=0.5)
@@ -122,7 +117,7 @@ def test_torchrun_end_to_end_on_cpu(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tree))
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run(
         [str(torchrun), "--standalone", f"--nproc_per_node={WORLD}", "-m", "refilled.cli", "run", str(config)],
         capture_output=True, text=True, timeout=300, env=env,
