@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from tiny import tiny
 
 from refilled.config import Stage1Config
 from refilled.engine import Dist
@@ -104,16 +105,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not installed beside this Python")
 def test_torchrun_end_to_end_on_cpu(tmp_path):
-    tree = {
-        "device": "cpu", "progress": False, "out_dir": str(tmp_path / "runs"),
-        "speed": {"global_mining": True},
-        "data": {"name": "digits", "teacher_classes": 5, "student_offset": 5,
-                 "train_per_class": 12, "val_per_class": 8},
-        "teacher": {"arch": "mlp", "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
-        "student": {"arch": "cnn_small"},
-        "train": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05},
-        "stage1": {"optim": {"epochs": 2, "batch_size": 20, "m_per_class": 4, "lr": 0.05}},
-    }
+    tree = tiny(out_dir=str(tmp_path / "runs"), speed={"global_mining": True},
+                teacher={"optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}})
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tree))
     torchrun = Path(sys.executable).parent / "torchrun"

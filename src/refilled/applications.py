@@ -55,7 +55,6 @@ from refilled.data import cap_per_class
 from refilled.engine import (
     atomic_torch_save,
     atomic_write_text,
-    init_distributed,
     load_checkpoint,
     predict,
     seed_everything,
@@ -68,7 +67,7 @@ from refilled.protocols import (
     Split,
     Task,
     _load,
-    _prepare_run_dir,
+    open_run,
     build_task,
     check_batches,
     config_digest,
@@ -236,13 +235,11 @@ def _acc(pred: torch.Tensor, labels: torch.Tensor) -> float | None:
 
 def run_application(cfg: Config) -> dict:
     """Run one incremental or few-shot experiment (or resume it); return its results."""
-    dist, device = init_distributed(cfg.device)
+    dist, device, run_dir, finished = open_run(cfg)
     if dist.world > 1:
         raise UserError(f"protocol '{cfg.protocol}' runs in one process; start it without torchrun")
-    run_dir = _prepare_run_dir(cfg, dist)
-    results_path = run_dir / "results.json"
-    if results_path.exists():
-        return json.loads(results_path.read_text())
+    if finished is not None:
+        return finished
     tic = time.perf_counter()
     seed_everything(cfg.seed)
     task = incremental_task(cfg) if cfg.protocol == "incremental" else fewshot_task(cfg)
@@ -319,5 +316,5 @@ def run_application(cfg: Config) -> dict:
         "config_digest": config_digest(cfg),
         "run_dir": str(run_dir),
     }
-    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     return results

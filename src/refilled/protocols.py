@@ -315,17 +315,25 @@ def get_teacher(cfg: Config, device) -> tuple[FrozenTeacher, dict]:
 # ------------------------------------------------------------------ one run
 
 
+def open_run(cfg: Config) -> tuple[Dist, torch.device, Path, dict | None]:
+    """Join the torchrun job (if any) and prepare the run directory; the last item holds the
+    results of a run that has already finished there (None otherwise)."""
+    dist, device = init_distributed(cfg.device)
+    run_dir = _prepare_run_dir(cfg, dist)
+    results_path = run_dir / "results.json"
+    finished = json.loads(results_path.read_text()) if results_path.exists() else None
+    return dist, device, run_dir, finished
+
+
 def run(cfg: Config, role: str = "student") -> dict:
     """Run one experiment (or resume it); return its results. A finished run is not redone."""
     if cfg.protocol != "distill" and role == "student":
         from refilled.applications import run_application  # incremental / few-shot learning
 
         return run_application(cfg)
-    dist, device = init_distributed(cfg.device)
-    run_dir = _prepare_run_dir(cfg, dist)
-    results_path = run_dir / "results.json"
-    if results_path.exists():
-        return json.loads(results_path.read_text())
+    dist, device, run_dir, finished = open_run(cfg)
+    if finished is not None:
+        return finished
     tic = time.perf_counter()
     seed_everything(cfg.seed)
     task = build_task(cfg, role)
@@ -388,7 +396,7 @@ def run(cfg: Config, role: str = "student") -> dict:
         "run_dir": str(run_dir),
     }
     if dist.is_main:
-        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     dist.barrier()  # the other ranks may read what rank 0 wrote (e.g. a teacher's model.pt)
     return results
 
