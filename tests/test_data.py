@@ -30,6 +30,7 @@ from refilled.data import (
     stratified_split,
 )
 from refilled.data import datasets as datasets_mod
+from refilled.data.loader import affine_matrices, crop_flip, stroke_width
 from refilled.errors import ConfigError, DatasetNotFoundError
 
 # ----------------------------------------------------------------------------- helpers
@@ -314,6 +315,127 @@ def test_augment_batch_matches_loop(pad, flip):
     assert torch.equal(Augment(pad, flip)(x, torch.Generator().manual_seed(5)), want)
     if pad or flip:  # something actually changed for some sample
         assert not torch.equal(got, x)
+
+
+def test_crop_flip_is_augment_batch_without_extras():
+    x = torch.rand(8, 1, 6, 6)
+    want = crop_flip(x, 2, True, torch.Generator().manual_seed(1))
+    assert torch.equal(augment_batch(x, 2, True, torch.Generator().manual_seed(1)), want)
+    assert torch.equal(Augment(2, True, degrees=0, noise=0)(x, torch.Generator().manual_seed(1)), want)
+
+
+def test_affine_matrices_geometry():
+    x = torch.rand(3, 2, 6, 6)
+    n = len(x)
+
+    def warp(angle, mag, shear):
+        theta = affine_matrices(torch.full((n,), angle), torch.full((n,), mag), torch.full((n,), shear))
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    assert torch.allclose(warp(0.0, 1.0, 0.0), x, atol=1e-6)
+    # A right angle samples pixel centres exactly: counter-clockwise on screen, like rot90.
+    assert torch.allclose(warp(np.pi / 2, 1.0, 0.0), torch.rot90(x, 1, (-2, -1)), atol=1e-5)
+    assert torch.allclose(warp(-np.pi / 2, 1.0, 0.0), torch.rot90(x, -1, (-2, -1)), atol=1e-5)
+    # Magnifying by 2 about the centre: output pixel centres 2 apart sample input pixel corners;
+    # halving keeps the content in the central half (zeros around it).
+    ones = torch.ones(1, 1, 8, 8)
+    theta = affine_matrices(torch.zeros(1), torch.tensor([0.5]), torch.zeros(1))
+    small = F.grid_sample(ones, F.affine_grid(theta, [1, 1, 8, 8], align_corners=False), align_corners=False)
+    assert torch.allclose(small[0, 0, 2:6, 2:6], torch.ones(4, 4))
+    assert small[0, 0, :, :1].abs().max() < 1e-6 and small[0, 0, :1].abs().max() < 1e-6
+    # x-shear: a vertical bar leans; row r of the output is shifted by shear * (y of row r).
+    bar = torch.zeros(1, 1, 8, 8)
+    bar[..., 4] = 1.0
+    theta = affine_matrices(torch.zeros(1), torch.ones(1), torch.tensor([0.25]))
+    leaned = F.grid_sample(bar, F.affine_grid(theta, [1, 1, 8, 8], align_corners=False), align_corners=False)[0, 0]
+    centre = (leaned * torch.arange(8.0)).sum(1) / leaned.sum(1)  # ink column per row
+    ys = (torch.arange(8.0) + 0.5) / 4 - 1  # normalised y of each row (down is +)
+    assert torch.allclose(centre - centre.mean(), 0.25 * (ys - ys.mean()) * 4, atol=1e-4)
+
+
+def test_stroke_width_matches_min_max_filter_loop():
+    x = torch.rand(4, 1, 5, 6)
+    padded_lo = F.pad(x, (1, 1, 1, 1), value=float("inf"))
+    padded_hi = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    grown, shrunk = torch.empty_like(x), torch.empty_like(x)
+    for i in range(5):
+        for j in range(6):
+            grown[..., i, j] = padded_hi[..., i : i + 3, j : j + 3].amax((-2, -1))
+            shrunk[..., i, j] = padded_lo[..., i : i + 3, j : j + 3].amin((-2, -1))
+    t = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    got = stroke_width(x, t)
+    assert torch.allclose(got[0], grown[0]) and torch.allclose(got[1], shrunk[1])
+    assert torch.equal(got[2], x[2])
+    assert torch.allclose(got[3], 0.5 * x[3] + 0.5 * grown[3])
+    assert (got[0] >= x[0]).all() and (got[1] <= x[1]).all()
+
+
+def oracle_augment_extras(x, pad, degrees, scale, shear, thickness, noise, generator):
+    """One sample at a time, with the draws of augment_batch's documented order."""
+    b = len(x)
+    x = crop_flip(x, pad, False, generator)
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * np.deg2rad(degrees)
+    mag = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale
+    sh = (torch.rand(b, generator=generator) * 2 - 1) * shear
+    t = (torch.rand(b, generator=generator) * 2 - 1) * thickness
+    eps = torch.randn(x.shape, generator=generator)
+    out = []
+    for i in range(b):
+        theta = affine_matrices(angle[i : i + 1], mag[i : i + 1], sh[i : i + 1])
+        img = F.grid_sample(x[i : i + 1], F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False),
+                            align_corners=False)
+        img = stroke_width(img, t[i : i + 1])
+        out.append((img + noise * eps[i : i + 1]).clamp(0, 1))
+    return torch.cat(out), (angle, mag, sh, t)
+
+
+def test_augment_batch_extras_match_per_sample_loop():
+    x = torch.rand(6, 1, 10, 10)
+    extras = dict(degrees=10.0, scale=0.1, shear=0.2, thickness=0.7, noise=0.05)
+    got = augment_batch(x, 1, False, torch.Generator().manual_seed(3), **extras)
+    want, (angle, mag, sh, t) = oracle_augment_extras(x, 1, *extras.values(), torch.Generator().manual_seed(3))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert got.min() >= 0 and got.max() <= 1
+    # Draws stay inside the documented ranges and differ between samples.
+    assert angle.abs().max() <= np.deg2rad(10) and (mag - 1).abs().max() <= 0.1
+    assert sh.abs().max() <= 0.2 and t.abs().max() <= 0.7 and len(set(angle.tolist())) == 6
+    again = augment_batch(x, 1, False, torch.Generator().manual_seed(3), **extras)
+    assert torch.equal(got, again)
+    other = augment_batch(x, 1, False, torch.Generator().manual_seed(4), **extras)
+    assert not torch.allclose(got, other)
+    # Noise alone: mean-zero, about the requested spread (away from the clamp at 0 and 1).
+    grey = torch.full((64, 1, 16, 16), 0.5)
+    noisy = augment_batch(grey, 0, False, torch.Generator().manual_seed(0), noise=0.05) - 0.5
+    assert abs(noisy.mean()) < 0.002 and abs(noisy.std() - 0.05) < 0.002
+
+
+def test_glyph_training_loader_uses_the_extra_augmentation(tmp_path):
+    from refilled.protocols import make_loader, Split, Task
+    from refilled.config import OptimConfig
+
+    info = {**DATASET_INFO["glyphs"], "in_chans": 1}
+    split = Split(torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.arange(8) % 2)
+    task = Task(train=split, val=split, test=split, classes=(0, 1), class_names=("a", "b"), info=info)
+    optim = OptimConfig(batch_size=4)
+    loader = make_loader(task, split, optim, seed=0, device="cpu")
+    assert loader.augment.extra == {k: float(v) for k, v in DATASET_INFO["glyphs"]["augment"].items()}
+    assert make_loader(task, split, optim, seed=0, device="cpu", train=False).augment is None
+    off = Task(**{**task.__dict__, "info": {**info, "train_augment": False}})
+    assert make_loader(off, split, optim, seed=0, device="cpu").augment is None
+
+
+def test_data_augment_false_switches_training_augmentation_off():
+    from tiny import TINY
+
+    from refilled.config import make_config
+    from refilled.protocols import build_task, make_loader
+
+    on = build_task(make_config(TINY), "student")
+    off = build_task(make_config(TINY, ["data.augment=false"]), "student")
+    optim = make_config(TINY).train
+    assert make_loader(on, on.train, optim, seed=0, device="cpu").augment is not None
+    assert make_loader(off, off.train, optim, seed=0, device="cpu").augment is None
 
 
 # ----------------------------------------------------------------------------- loader

@@ -39,7 +39,7 @@ class DataConfig:
     teacher_train_per_class: int | None = None  # cap on the teacher's training images per class
     val_per_class: int = 100  # validation images per class, carved from the training split
     split_seed: int = 0  # seeds the caps and the validation split (not the run seed)
-    augment: bool = True
+    augment: bool = True  # training-time augmentation with the dataset's defaults (DATASET_INFO)
 
 
 @dataclass(frozen=True)

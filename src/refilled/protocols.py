@@ -113,7 +113,7 @@ def build_task(cfg: Config, role: str) -> Task:
         test=test,
         classes=tuple(classes),
         class_names=tuple(train_set.class_names[c] for c in classes),
-        info={**info, "in_chans": int(x.shape[1])},
+        info={**info, "in_chans": int(x.shape[1]), "train_augment": d.augment},
     )
 
 
@@ -135,7 +135,8 @@ def make_loader(task: Task, split: Split, optim, *, seed: int, device, train: bo
     batch = min(optim.batch_size, len(split.labels)) if sampler is None else optim.batch_size
     return TensorLoader(
         split.images, split.labels, batch, shuffle=train, drop_last=train,
-        augment=Augment(info["pad"], info["flip"]) if train else None,
+        augment=Augment(info["pad"], info["flip"], **info.get("augment", {}))
+        if train and info.get("train_augment", True) else None,
         mean=info["mean"], std=info["std"], device=device, seed=seed, sampler=sampler,
         rank=dist.rank, world=dist.world, channels_last=channels_last,
     )

@@ -56,8 +56,10 @@ class ImageSet:
 DATASET_INFO: dict[str, dict] = {
     "fashion_mnist": {"mean": (0.2860,), "std": (0.3530,), "flip": True, "pad": 2, "in_chans": 1},
     "digits": {"mean": (0.3053,), "std": (0.3759,), "flip": False, "pad": 1, "in_chans": 1},
-    # Rendered font glyphs (refilled.data.glyphs): stats of the whole rendered set; no flip.
-    "glyphs": {"mean": (0.0887,), "std": (0.2604,), "flip": False, "pad": 2, "in_chans": 1},
+    # Rendered font glyphs (refilled.data.glyphs): stats of the whole rendered set; no flip, but
+    # small affine distortions, stroke width and pixel noise (refilled.data.loader.augment_batch).
+    "glyphs": {"mean": (0.0887,), "std": (0.2604,), "flip": False, "pad": 2, "in_chans": 1,
+               "augment": {"degrees": 10.0, "scale": 0.1, "shear": 0.2, "thickness": 0.7, "noise": 0.05}},
     "cifar100": {
         "mean": (0.5071, 0.4865, 0.4409),
         "std": (0.2673, 0.2564, 0.2762),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from refilled.errors import ConfigError
 
-__all__ = ["augment_batch", "Augment", "TensorLoader", "ClassBalancedSampler", "epoch_generator"]
+__all__ = ["augment_batch", "crop_flip", "affine_matrices", "stroke_width", "Augment", "TensorLoader", "ClassBalancedSampler", "epoch_generator"]
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -32,7 +32,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random zero-pad-and-crop (per-sample offsets) and random horizontal flip of a float batch.
 
     Random draws, in this order, from the CPU ``generator``: if ``pad > 0``, row offsets then
@@ -58,17 +58,83 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
     return x.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
 
 
+def affine_matrices(angle: torch.Tensor, mag: torch.Tensor, shear: torch.Tensor) -> torch.Tensor:
+    """Per-sample 2 x 3 matrices for ``F.affine_grid`` from angles (radians), magnifications
+    and x-shears (one value per sample each).
+
+    The content is rotated by +angle counter-clockwise on screen (``torch.rot90(x, 1, (-2, -1))``
+    at a right angle), magnified by ``mag`` about the centre and sheared by ``shear``. The forward
+    map (content -> output) in image coordinates (x right, y down) is
+    ``mag * [[cos, sin], [-sin, cos]] @ [[1, shear], [0, 1]]``; ``affine_grid`` maps output
+    coordinates to input ones, so it gets the inverse.
+    """
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    fwd = torch.stack([
+        torch.stack([cos, cos * shear + sin], -1),
+        torch.stack([-sin, -sin * shear + cos], -1),
+    ], -2) * mag[:, None, None]
+    return torch.cat([torch.linalg.inv(fwd), torch.zeros(len(angle), 2, 1)], dim=2)
+
+
+def stroke_width(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Thicken (``t > 0``) or thin (``t < 0``) bright strokes on a dark ground, per sample.
+
+    ``t`` in [-1, 1] blends each image towards its 3 x 3 grey dilation (max filter, ``t = 1``)
+    or erosion (min filter, ``t = -1``): about half a pixel of stroke width either way at
+    ``|t| = 1`` on each side. ``t`` has one value per sample.
+    """
+    t = t.to(x.device, x.dtype).reshape(-1, 1, 1, 1)
+    grown = F.max_pool2d(x, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return torch.where(t >= 0, x + t * (grown - x), x - t * (shrunk - x))
+
+
+def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator, *,
+                  degrees: float = 0.0, scale: float = 0.0, shear: float = 0.0,
+                  thickness: float = 0.0, noise: float = 0.0) -> torch.Tensor:
+    """:func:`crop_flip`, then optional small affine, stroke width and pixel noise.
+
+    All draws come from the CPU ``generator``, in this order: crop/flip (see :func:`crop_flip`);
+    if any of ``degrees``, ``scale``, ``shear`` is non-zero, angles ``U(-degrees, degrees)``,
+    magnifications ``U(1 - scale, 1 + scale)`` and shears ``U(-shear, shear)`` (one
+    ``torch.rand(b)`` each, in that order) for :func:`affine_matrices` (bilinear resampling,
+    zeros outside); if ``thickness > 0``, stroke factors ``U(-thickness, thickness)``
+    (``torch.rand(b)``) for :func:`stroke_width`; if ``noise > 0``, Gaussian pixel noise of
+    standard deviation ``noise`` (``torch.randn`` of the batch shape), then clamped to [0, 1].
+    With all of these zero the result is exactly :func:`crop_flip`'s (same draws).
+    """
+    x = crop_flip(x, pad, flip, generator)
+    b = x.shape[0]
+    if degrees or scale or shear:
+        angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(degrees)
+        mag = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale
+        sh = (torch.rand(b, generator=generator) * 2 - 1) * shear
+        theta = to_device(affine_matrices(angle, mag, sh), x.device).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if thickness > 0:
+        x = stroke_width(x, (torch.rand(b, generator=generator) * 2 - 1) * thickness)
+    if noise > 0:
+        eps = to_device(torch.randn(x.shape, generator=generator), x.device).to(x.dtype)
+        x = (x + noise * eps).clamp_(0.0, 1.0)
+    return x
+
+
 class Augment:
     """Callable ``(batch, generator) -> batch`` applying :func:`augment_batch`."""
 
-    def __init__(self, pad: int = 0, flip: bool = False):
+    def __init__(self, pad: int = 0, flip: bool = False, *, degrees: float = 0.0, scale: float = 0.0,
+                 shear: float = 0.0, thickness: float = 0.0, noise: float = 0.0):
         self.pad, self.flip = int(pad), bool(flip)
+        self.extra = {"degrees": float(degrees), "scale": float(scale), "shear": float(shear),
+                      "thickness": float(thickness), "noise": float(noise)}
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return augment_batch(x, self.pad, self.flip, generator)
+        return augment_batch(x, self.pad, self.flip, generator, **self.extra)
 
     def __repr__(self) -> str:
-        return f"Augment(pad={self.pad}, flip={self.flip})"
+        extra = "".join(f", {k}={v:g}" for k, v in self.extra.items() if v)
+        return f"Augment(pad={self.pad}, flip={self.flip}{extra})"
 
 
 class ClassBalancedSampler:
