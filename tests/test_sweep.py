@@ -17,6 +17,9 @@ def test_expand_gives_every_combination_in_order():
         ["a=1", "b=[1,2]"], ["a=1", "b=x"], ["a=2", "b=[1,2]"], ["a=2", "b=x"]]
     assert expand(["a=1"]) == [["a=1"]]
     assert expand([]) == [[]]
+    # an arm= label is one value even when it holds commas
+    assert expand(["arm=REFILLED, random teacher", "a=1,2"]) == [
+        ["arm=REFILLED, random teacher", "a=1"], ["arm=REFILLED, random teacher", "a=2"]]
     assert split_values("a,{b: 1, c: 2},[3]") == ["a", "{b: 1, c: 2}", "[3]"]
     assert cell_label(["a=1", "b=x", "seed=0"], {"a", "seed"}, "ce") == "ce, a=1"
     assert cell_label(["method=kd", "seed=0"], {"method", "seed"}, "kd") == "kd"

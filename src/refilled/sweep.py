@@ -30,12 +30,19 @@ def split_values(text: str) -> list[str]:
     return parts + [current]
 
 
+def _values(item: str) -> list[str]:
+    """The values of one ``key=v1,v2`` item; ``arm=`` is a label, never split on commas."""
+    key, _, values = item.partition("=")
+    return [values] if key == "arm" else split_values(values)
+
+
 def expand(overrides: list[str]) -> list[list[str]]:
-    """Every combination of the comma-separated override values, in the order given."""
+    """Every combination of the comma-separated override values, in the order given
+    (``arm=`` is kept whole: a label may hold commas)."""
     axes = []
     for item in overrides:
         key, _, values = item.partition("=")
-        axes.append([f"{key}={v}" for v in split_values(values)] if _ else [item])
+        axes.append([f"{key}={v}" for v in _values(item)] if _ else [item])
     return [list(cell) for cell in itertools.product(*axes)]
 
 
@@ -50,7 +57,7 @@ def run_sweep(config_path: str | None, overrides: list[str], progress: bool = Tr
 
     tree = load_yaml(config_path) if config_path else {}
     cells = expand(overrides)
-    swept = {o.partition("=")[0] for o in overrides if len(split_values(o.partition("=")[2])) > 1}
+    swept = {o.partition("=")[0] for o in overrides if len(_values(o)) > 1}
     configs = []
     for cell in cells:  # every cell is checked before the first one runs
         cfg = make_config(tree, [*cell, "progress=false"])
