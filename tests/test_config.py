@@ -85,3 +85,14 @@ def test_parse_override_reads_yaml_scalars():
     assert parse_override("a=true") == ("a", True)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=x=y") == ("a", "x=y")
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert len(paths) >= 20
+    for path in paths:
+        cfg = load_config(path)
+        if cfg.data.name == "glyphs":  # the study's three regimes share one teacher window
+            assert cfg.data.teacher_classes == 139 and cfg.teacher.arch == "cnn_medium"
