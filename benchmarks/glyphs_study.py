@@ -25,13 +25,15 @@ Usage (each step skips finished runs, so an interrupted study continues):
     python benchmarks/glyphs_study.py teacher            # trains the shared teacher once
     python benchmarks/glyphs_study.py select --jobs 2    # lambda / smoothing on validation
     python benchmarks/glyphs_study.py run --jobs 2       # the grid (uses the selection)
-    python benchmarks/glyphs_study.py analyse            # -> benchmarks/glyphs_study.md/.png
+    python benchmarks/glyphs_study.py prune              # set aside runs a new selection superseded
+    python benchmarks/glyphs_study.py analyse            # -> benchmarks/glyphs_study.json/.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -67,20 +69,25 @@ def teacher_dir() -> str:
     return str(found[0])
 
 
-def arm_overrides(arm: str, per_class: int, selected: dict) -> list[str] | None:
+def arm_overrides(arm: str, per_class: int, selected: dict | None) -> list[str]:
+    """The overrides of one arm; ``selected`` (from :func:`read_selection`) adds the chosen
+    learning rate and weights (None: the placeholders ``{...}`` stay, for the selection step)."""
     total, stage1 = EPOCHS[per_class]
     two_stage = [f"stage1.optim.epochs={stage1}", f"train.epochs={total - stage1}"]
     one_stage = [f"train.epochs={total}"]
+
+    def chosen(name):
+        return ["{" + name + "}"] if selected is None else selected[name]
+
     return {
-        "student alone": ["method=ce", *one_stage],
-        "label smoothing": ["method=label_smoothing", *one_stage,
-                            f"baselines.label_smoothing={selected['label smoothing']}"],
-        "RKD": ["method=rkd", *one_stage],
-        "KD": ["method=kd", *one_stage],
-        "REFILLED": ["method=refilled", *two_stage, f"stage2.lam={selected['REFILLED']}"],
-        "REFILLED, CVPR preset": ["ablation=cvpr", *two_stage],
+        "student alone": ["method=ce", *one_stage, *chosen("student alone")],
+        "label smoothing": ["method=label_smoothing", *one_stage, *chosen("label smoothing")],
+        "RKD": ["method=rkd", *one_stage, *chosen("RKD")],
+        "KD": ["method=kd", *one_stage, *chosen("KD")],
+        "REFILLED": ["method=refilled", *two_stage, *chosen("REFILLED")],
+        "REFILLED, CVPR preset": ["method=refilled", "stage2.preset=cvpr", *two_stage, *chosen("REFILLED, CVPR preset")],
         "REFILLED, random teacher": ["ablation=random_teacher", *two_stage,
-                                     f"stage2.lam={selected['REFILLED, random teacher']}"],
+                                     *chosen("REFILLED, random teacher")],
         "teacher NCM": ["method=teacher_ncm"],
     }[arm]
 
@@ -108,44 +115,68 @@ def run_all(commands: list[list[str]], jobs: int) -> None:
 
 # ----------------------------------------------------------------------------- steps
 
-SELECT_GRID = {  # (arm, swept key, values): chosen on cross-task validation, 5 images per class
-    "REFILLED": ("stage2.lam", (1, 3, 10, 30)),
-    "REFILLED, random teacher": ("stage2.lam", (0.1, 1, 10)),
-    "label smoothing": ("baselines.label_smoothing", (0.1, 0.3)),
+# Chosen on validation (5 images per class, replicates 100 and 101; cross-task, except KD which
+# needs shared classes: partial overlap), per arm: (regime, learning rates tried for both
+# stages or None, the swept key, its values). Weights not swept are their papers' values.
+SELECT_GRID = {
+    "student alone": ("cross", None, "train.lr", (0.05, 0.1, 0.2, 0.4)),
+    "label smoothing": ("cross", (0.05, 0.2, 0.4), "baselines.label_smoothing", (0.1, 0.3)),
+    "RKD": ("cross", None, "train.lr", (0.05, 0.1, 0.2, 0.4)),
+    "KD": ("overlap", None, "train.lr", (0.05, 0.2, 0.4)),
+    "REFILLED": ("cross", (0.05, 0.2, 0.4), "stage2.lam", (1, 3, 10)),
+    # The preset's lambda 1000 ends at chance level here at lr 0.05 and 0.2 (and 0.4, in a first
+    # try): its distillation term grows to the thousands in stage 2. So lambda is swept too.
+    "REFILLED, CVPR preset": ("cross", (0.2,), "stage2.lam", (10, 100, 1000)),
+    "REFILLED, random teacher": ("cross", (0.05, 0.2, 0.4), "stage2.lam", (0.1, 1, 10)),
 }
+
+
+def _slug(arm: str) -> str:
+    return arm.replace(", ", "-").replace(" ", "_")
+
+
+def _select_dir(arm: str, lr, k: int) -> Path:
+    return OUT / "select" / (f"{_slug(arm)}-r{k}" if lr is None else f"{_slug(arm)}-lr{lr}-r{k}")
 
 
 def select_commands() -> list[list[str]]:
     cmds = []
-    for arm, (key, values) in SELECT_GRID.items():
-        base = arm_overrides(arm, 5, {a: 0 for a in SELECT_GRID})
-        base = [o for o in base if not o.startswith(key)]
-        for k in SELECT_REPLICATES:
-            cmds.append(refilled(
-                "sweep", REGIMES["cross"], *base, f"{key}={','.join(map(str, values))}",
-                f"seed={k}", f"data.split_seed={k}", f"teacher.checkpoint={teacher_dir()}",
-                f"arm={arm}", f"out_dir={OUT}/select/{arm.replace(', ', '-').replace(' ', '_')}-r{k}"))
+    for arm, (regime, lrs, key, values) in SELECT_GRID.items():
+        base = [o for o in arm_overrides(arm, 5, None) if "{" not in o]
+        for lr in lrs or (None,):
+            lr_keys = [] if lr is None else [f"train.lr={lr}", f"stage1.optim.lr={lr}"]
+            for k in SELECT_REPLICATES:
+                cmds.append(refilled(
+                    "sweep", REGIMES[regime], *base, *lr_keys, f"{key}={','.join(map(str, values))}",
+                    f"seed={k}", f"data.split_seed={k}", f"teacher.checkpoint={teacher_dir()}",
+                    f"arm={arm}", f"out_dir={_select_dir(arm, lr, k)}"))
     return cmds
 
 
 def read_selection() -> dict:
-    """The value of each selected key with the best mean validation accuracy over replicates."""
+    """Per arm, the overrides with the best mean validation accuracy over the replicates, and
+    every candidate's validation accuracies (%, one per replicate)."""
     from refilled.report import collect
 
     chosen = {}
-    for arm, (key, values) in SELECT_GRID.items():
-        scores = {v: [] for v in values}
-        for k in SELECT_REPLICATES:
-            folder = OUT / "select" / f"{arm.replace(', ', '-').replace(' ', '_')}-r{k}"
-            for r in collect(folder):
-                value = r["arm"].rpartition(f"{key}=")[2]
-                for v in values:
-                    if float(value) == float(v):
-                        scores[v].append(100 * r["val_accuracy"])
-        if any(len(s) != len(SELECT_REPLICATES) for s in scores.values()):
+    for arm, (_, lrs, key, values) in SELECT_GRID.items():
+        scores = {}
+        for lr in lrs or (None,):
+            for k in SELECT_REPLICATES:
+                for r in collect(_select_dir(arm, lr, k)):
+                    label = r["arm"]  # "ARM, key=value" (no value when only one was tried)
+                    value = float(label.rpartition(f"{key}=")[2]) if f"{key}=" in label else values[0]
+                    if not any(math.isclose(value, v) for v in values):
+                        continue  # an earlier, wider sweep in the same folder
+                    setting = ((f"train.lr={lr}", f"stage1.optim.lr={lr}") if lr is not None else ()) + (
+                        f"{key}={value:g}",)
+                    scores.setdefault(setting, []).append(100 * r["val_accuracy"])
+        expected = len(lrs or (None,)) * len(values)
+        if len(scores) != expected or any(len(v) != len(SELECT_REPLICATES) for v in scores.values()):
             sys.exit(f"selection for {arm} is incomplete: run the `select` step first")
-        chosen[arm] = max(values, key=lambda v: sum(scores[v]) / len(scores[v]))
-        chosen[f"{arm} (validation)"] = {str(v): scores[v] for v in values}
+        best = max(scores, key=lambda st: sum(scores[st]) / len(scores[st]))
+        chosen[arm] = list(best)
+        chosen[f"{arm} (validation)"] = {" ".join(st): v for st, v in scores.items()}
     return chosen
 
 
@@ -158,12 +189,38 @@ def study_commands(regimes, sizes, selected) -> list[list[str]]:
                 for arm in ARMS:
                     if arm == "KD" and regime == "cross":
                         continue  # no shared class: KD has nothing to match
+                    if arm == "REFILLED, CVPR preset" and regime != "cross":
+                        continue  # CPU time: the second preset only where the question is
                     cmds.append(refilled(
                         "run", REGIMES[regime], *arm_overrides(arm, per_class, selected),
                         f"data.train_per_class={per_class}", f"seed={k}", f"data.split_seed={k}",
                         f"teacher.checkpoint={teacher}", f"arm={arm}", "progress=false",
                         f"out_dir={OUT}/{regime}-{per_class}"))
     return cmds
+
+
+def prune(regimes, sizes, selected) -> None:
+    """Move run directories the current selection no longer asks for (e.g. after a wider
+    selection changed an arm's learning rate) to ``OUT/stale``, so each cell holds one run per
+    arm and replicate."""
+    import shutil
+
+    from refilled.config import load_config
+    from refilled.protocols import run_name
+
+    wanted = set()
+    for cmd in study_commands(regimes, sizes, selected):
+        _, config, *overrides = cmd[1:]
+        cfg = load_config(config, overrides)
+        wanted.add(Path(cfg.out_dir) / run_name(cfg))
+    for regime in regimes:
+        for per_class in sizes:
+            for results in sorted((OUT / f"{regime}-{per_class}").glob("*/results.json")):
+                if results.parent not in wanted:
+                    target = OUT / "stale" / f"{regime}-{per_class}" / results.parent.name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(results.parent), target)
+                    print(f"stale: {results.parent} -> {target}")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -231,6 +288,31 @@ def analyse(regimes, sizes):
     return "\n".join(lines), cells, answer
 
 
+def summary_table(cells, answer) -> str:
+    """One row per cell: the student alone, the best control, REFILLED, the teacher's own
+    embedding, and REFILLED's paired gains (mean ± std [95% CI half-width], points)."""
+    from refilled.report import mean_std
+
+    def acc(records, arm):
+        v = [100 * r["test_accuracy"] for r in records if r["arm"] == arm]
+        return f"{mean_std(v)[0]:.1f} ± {mean_std(v)[1]:.1f}" if v else "—"
+
+    def gain(d):
+        return "—" if d is None else f"{d['mean']:+.1f} ± {d['std']:.1f} [±{d['ci95']:.1f}]" + (
+            " *" if d["significant"] else "")
+
+    lines = ["| regime | img/class | n | student alone | best control (on val.) | REFILLED | teacher NCM "
+             "| REFILLED − best control | REFILLED − random teacher |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in answer:
+        records = cells[(row["regime"], row["per_class"])]
+        n = len({r["seed"] for r in records if r["arm"] == "REFILLED"})
+        lines.append(f"| {row['regime']} | {row['per_class']} | {n} | {acc(records, 'student alone')} | "
+                     f"{row['best_control']}: {acc(records, row['best_control'])} | {acc(records, 'REFILLED')} | "
+                     f"{acc(records, 'teacher NCM')} | {gain(row.get('vs_best_control'))} | "
+                     f"{gain(row.get('vs_random'))} |")
+    return "\n".join(lines)
+
+
 def plot(cells, path: Path) -> None:
     import matplotlib
 
@@ -253,7 +335,8 @@ def plot(cells, path: Path) -> None:
                 xs.append(j + (i - (len(shown) - 1) / 2) * width)
                 ys.append(mean_std(d)[0])
                 es.append(ci95(d))
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=arm, color=colors[i % 10])
+        if xs:  # KD has no cross-task bars
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=arm, color=colors[i % 10])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(keys)), [f"{r}\n{n} img/class" for r, n in keys])
     ax.set_ylabel("test acc. minus student alone (pts)")
@@ -267,9 +350,36 @@ def plot(cells, path: Path) -> None:
     plt.close(fig)
 
 
+def teacher_geometry() -> dict:
+    """Mean cosine similarity of the trained and the random teacher's embeddings of the
+    cross-task student's training images (5 per class), same-class and other-class pairs:
+    what stage 1 asks the student to imitate."""
+    import torch
+    import torch.nn.functional as F
+
+    from refilled.config import load_config
+    from refilled.engine import predict
+    from refilled.protocols import build_task, get_teacher
+
+    out = {}
+    for init in ("trained", "random"):
+        cfg = load_config(REGIMES["cross"], [f"teacher.checkpoint={teacher_dir()}", f"teacher.init={init}",
+                                             "progress=false"])
+        teacher, _ = get_teacher(cfg, "cpu")
+        task = build_task(cfg, "student")
+        emb, _ = predict(teacher.model, task.train.images, task.info["mean"], task.info["std"], "cpu")
+        e = F.normalize(emb.float(), dim=1)
+        sim, y = e @ e.T, task.train.labels
+        same = (y[:, None] == y[None]) & ~torch.eye(len(y), dtype=torch.bool)
+        other = y[:, None] != y[None]
+        out[init] = {"same_class": float(sim[same].mean()), "other_class": float(sim[other].mean()),
+                     "other_class_std": float(sim[other].std())}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["teacher", "select", "run", "analyse"])
+    p.add_argument("step", choices=["teacher", "select", "run", "prune", "analyse"])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--regimes", default="cross,overlap,same")
     p.add_argument("--sizes", default="5,20")
@@ -284,13 +394,20 @@ def main() -> None:
         cmds = select_commands()
     elif args.step == "run":
         cmds = study_commands(regimes, sizes, read_selection())
+    elif args.step == "prune":
+        prune(regimes, sizes, read_selection())
+        return
     else:
         selected = read_selection()
         table, cells, answer = analyse(regimes, sizes)
         plot(cells, ROOT / "benchmarks" / "glyphs_study.png")
-        out = {"table": table, "selected": selected, "answer": answer}
+        summary = summary_table(cells, answer)
+        out = {"table": table, "summary": summary, "selected": selected, "answer": answer,
+               "teacher_geometry": teacher_geometry()}
         print(table)
-        print(json.dumps({"selected": selected, "answer": answer}, indent=1))
+        print()
+        print(summary)
+        print(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=1))
         from refilled.engine import atomic_write_text
 
         atomic_write_text(ROOT / "benchmarks" / "glyphs_study.json", json.dumps(out, indent=1) + "\n")
