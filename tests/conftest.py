@@ -1,5 +1,7 @@
 import pytest
 import torch
+import yaml
+from tiny import TINY
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +11,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    """The tiny setting as a YAML file writing its runs under ``tmp_path/runs``."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "runs")}))
+    return path

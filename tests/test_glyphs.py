@@ -5,13 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from refilled.config import make_config
 from refilled.data import glyphs
 from refilled.data.splits import class_window
 from refilled.errors import DatasetNotFoundError
-from tiny import TINY, run_cli
+from tiny import run_cli
 
 
 def _fonts_installed() -> bool:
@@ -149,16 +148,6 @@ def test_scripts_are_grouped_and_windows_can_be_disjoint_alphabets(train_set):
 
 
 # ------------------------------------------------------------------ controls, end to end
-
-
-
-@pytest.fixture()
-def config_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "runs")}))
-    return path
-
-
 
 
 def test_teacher_ncm_reference_trains_nothing(config_file, capsys, tmp_path):

@@ -4,21 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from tiny import TINY, run_cli
 
 
 RESULT_KEYS = {"method", "role", "dataset", "protocol", "seed", "test_accuracy", "val_accuracy",
                "stage1_ncm_accuracy", "teacher_test_accuracy", "wall_seconds"}
-
-
-@pytest.fixture()
-def config_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "runs")}))
-    return path
-
-
 
 
 def test_refilled_end_to_end_writes_a_complete_run(config_file, capsys, tmp_path):
