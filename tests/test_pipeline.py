@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import TINY, run_cli
+from tiny import run_cli
 
 
 RESULT_KEYS = {"method", "role", "dataset", "protocol", "seed", "test_accuracy", "val_accuracy",
