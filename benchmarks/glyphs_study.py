@@ -205,7 +205,7 @@ def prune(regimes, sizes, selected) -> None:
     import shutil
 
     from refilled.config import load_config
-    from refilled.protocols import run_name
+    from refilled.rundirs import run_name
 
     wanted = set()
     for cmd in study_commands(regimes, sizes, selected):
@@ -342,8 +342,8 @@ def plot(cells, path: Path) -> None:
     ax.set_title("glyphs: gain over the student alone, paired by replicate (mean, 95% CI)")
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     fig.tight_layout()
+    from refilled.files import atomic_write_bytes
     from refilled.report import _fig_bytes
-    from refilled.engine import atomic_write_bytes
 
     atomic_write_bytes(path, _fig_bytes(fig))
     plt.close(fig)
@@ -357,16 +357,18 @@ def teacher_geometry() -> dict:
     import torch.nn.functional as F
 
     from refilled.config import load_config
-    from refilled.engine import predict
-    from refilled.protocols import build_task, get_teacher
+    from refilled.evaluation import predict
+    from refilled.pipeline import PROTOCOLS, prepare_teacher
+    from refilled.runtime import Dist
 
     out = {}
     for init in ("trained", "random"):
         cfg = load_config(REGIMES["cross"], [f"teacher.checkpoint={teacher_dir()}", f"teacher.init={init}",
                                              "progress=false"])
-        teacher, _ = get_teacher(cfg, "cpu")
-        task = build_task(cfg, "student")
-        emb, _ = predict(teacher.model, task.train.images, task.info["mean"], task.info["std"], "cpu")
+        tasks = PROTOCOLS["distill"].tasks(cfg)
+        teacher, _ = prepare_teacher(cfg, tasks, torch.device("cpu"), Dist())
+        task = tasks.student
+        emb, _ = predict(teacher, task.train.images, "cpu")
         e = F.normalize(emb.float(), dim=1)
         sim, y = e @ e.T, task.train.labels
         same = (y[:, None] == y[None]) & ~torch.eye(len(y), dtype=torch.bool)
@@ -407,7 +409,7 @@ def main() -> None:
         print()
         print(summary)
         print(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=1))
-        from refilled.engine import atomic_write_text
+        from refilled.files import atomic_write_text
 
         atomic_write_text(ROOT / "benchmarks" / "glyphs_study.json", json.dumps(out, indent=1) + "\n")
         return

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from refilled.config import Stage1Config, Stage2Config
-from refilled.methods import CrossEntropy, FrozenTeacher, LocalClassifierDistillation, RelationMatching
+from refilled.methods import CrossEntropy, LocalClassifierDistillation, RelationMatching
 from refilled.models import create_model
+from refilled.networks import FrozenTeacher, Network
 
 PAIRS = {
     "wrn": ("wrn_40_2", "wrn_16_2", 3, 32, 100),
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
     t_arch, s_arch, chans, size, classes = PAIRS[args.pair]
     torch.manual_seed(0)
 
-    teacher = FrozenTeacher(create_model(t_arch, classes, chans).to(device))
-    student = create_model(s_arch, classes, chans).to(device)
+    teacher = FrozenTeacher(Network(create_model(t_arch, classes, chans)).to(device))
+    student = Network(create_model(s_arch, classes, chans)).to(device)
     g = torch.Generator().manual_seed(0)
     # 10 instances of each of batch/10 classes: stage 1 always has tuples, as with the balanced sampler
     batches = [

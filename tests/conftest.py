@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 import yaml
 from tiny import TINY
+
+# One torch thread, here and in the subprocesses tests start: on a busy 2-core machine two
+# threads ran the stage-1 loss 16x slower than one, and timings-based waits time out.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

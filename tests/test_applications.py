@@ -7,12 +7,13 @@ import pytest
 import torch
 import yaml
 
-from refilled.applications import episode_accuracies, sample_episodes
+from refilled.evaluation import episode_accuracies, sample_episodes
 from refilled.config import make_config
 from refilled.errors import ConfigError
 from refilled.methods.applications import LinearProbe, copy_old_model
 from refilled.models import create_model
-from refilled.report import ci95
+from refilled.networks import Network
+from refilled.stats import ci95
 from tiny import run_cli, tiny
 
 TINY = tiny(student={"arch": "mlp"},
@@ -90,7 +91,7 @@ def test_finetune_copies_old_rows_and_linear_probe_freezes_the_backbone():
     old.eval()
     student = create_model("cnn_small", 5, 1)
     fresh = student.get_classifier().weight.detach().clone()
-    copy_old_model(student, old, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    copy_old_model(Network(student), Network(old), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
     head = student.get_classifier()
     assert torch.equal(head.weight[:3], old.get_classifier().weight)
     assert torch.equal(head.bias[:3], old.get_classifier().bias)
@@ -99,7 +100,7 @@ def test_finetune_copies_old_rows_and_linear_probe_freezes_the_backbone():
         if not key.startswith("head."):
             assert torch.equal(student.state_dict()[key], value), key
 
-    probe = LinearProbe(student)
+    probe = LinearProbe(Network(student))
     before = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("head.")}
     opt = torch.optim.SGD(probe.parameters_to_train(), lr=0.5, weight_decay=0.1)
     probe.train()

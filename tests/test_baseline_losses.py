@@ -1,4 +1,4 @@
-"""Oracle tests for refilled.baseline_losses: each loss against a brute-force Python-loop version."""
+"""Oracle tests for the baselines' losses (refilled.losses): each loss against a brute-force Python-loop version."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refilled.baseline_losses import (
+from refilled.losses import (
     at_loss,
     fitnet_loss,
     kd_loss,

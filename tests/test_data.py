@@ -411,31 +411,28 @@ def test_augment_batch_extras_match_per_sample_loop():
 
 
 def test_glyph_training_loader_uses_the_extra_augmentation(tmp_path):
-    from refilled.protocols import make_loader, Split, Task
-    from refilled.config import OptimConfig
+    from refilled.pipeline import _augment
+    from refilled.tasks import Split, Task
 
     info = {**DATASET_INFO["glyphs"], "in_chans": 1}
     split = Split(torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.arange(8) % 2)
     task = Task(train=split, val=split, test=split, classes=(0, 1), class_names=("a", "b"), info=info)
-    optim = OptimConfig(batch_size=4)
-    loader = make_loader(task, split, optim, seed=0, device="cpu")
-    assert loader.augment.extra == {k: float(v) for k, v in DATASET_INFO["glyphs"]["augment"].items()}
-    assert make_loader(task, split, optim, seed=0, device="cpu", train=False).augment is None
+    augment = _augment(task)
+    assert augment.extra == {k: float(v) for k, v in DATASET_INFO["glyphs"]["augment"].items()}
     off = Task(**{**task.__dict__, "info": {**info, "train_augment": False}})
-    assert make_loader(off, split, optim, seed=0, device="cpu").augment is None
+    assert _augment(off) is None
 
 
 def test_data_augment_false_switches_training_augmentation_off():
     from tiny import TINY
 
     from refilled.config import make_config
-    from refilled.protocols import build_task, make_loader
+    from refilled.pipeline import _augment
+    from refilled.tasks import window_task
 
-    on = build_task(make_config(TINY), "student")
-    off = build_task(make_config(TINY, ["data.augment=false"]), "student")
-    optim = make_config(TINY).train
-    assert make_loader(on, on.train, optim, seed=0, device="cpu").augment is not None
-    assert make_loader(off, off.train, optim, seed=0, device="cpu").augment is None
+    on = window_task(make_config(TINY), "student")
+    off = window_task(make_config(TINY, ["data.augment=false"]), "student")
+    assert _augment(on) is not None and _augment(off) is None
 
 
 # ----------------------------------------------------------------------------- loader

@@ -14,17 +14,18 @@ import yaml
 from tiny import tiny
 
 from refilled.config import Stage1Config
-from refilled.engine import Dist
-from refilled.methods import CrossEntropy, FrozenTeacher, RelationMatching
+from refilled.methods import CrossEntropy, RelationMatching
 from refilled.models import create_model
+from refilled.networks import FrozenTeacher, Network
+from refilled.runtime import Dist
 
 WORLD = 2
 
 
 def models():
     torch.manual_seed(0)
-    teacher = FrozenTeacher(create_model("mlp", 6, 1, input_size=8, hidden_dim=24))
-    student = create_model("mlp", 4, 1, input_size=8, hidden_dim=16)
+    teacher = FrozenTeacher(Network(create_model("mlp", 6, 1, input_size=8, hidden_dim=24)))
+    student = Network(create_model("mlp", 4, 1, input_size=8, hidden_dim=16))
     return teacher, student
 
 

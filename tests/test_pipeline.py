@@ -26,16 +26,16 @@ def test_refilled_end_to_end_writes_a_complete_run(config_file, capsys, tmp_path
     import torch
 
     from refilled.config import load_config
-    from refilled.engine import ncm_eval
+    from refilled.evaluation import ncm_eval
     from refilled.models import create_model
-    from refilled.protocols import build_task
+    from refilled.networks import Network
+    from refilled.tasks import window_task
 
-    task = build_task(load_config(config_file), "student")
-    after_stage1 = create_model("cnn_small", 5, 1)
-    state = torch.load(run_dir / "stage1.ckpt", weights_only=False)["method"]
+    task = window_task(load_config(config_file), "student")
+    after_stage1 = Network(create_model("cnn_small", 5, 1), mean=task.info["mean"], std=task.info["std"])
+    state = torch.load(run_dir / "stage1.ckpt", weights_only=True)["method"]
     after_stage1.load_state_dict({k.removeprefix("student."): v for k, v in state.items()})
-    args = (task.train.images, task.train.labels, task.test.images, task.test.labels,
-            task.info["mean"], task.info["std"], "cpu")
+    args = (task.train.images, task.train.labels, task.test.images, task.test.labels, "cpu")
     assert ncm_eval(after_stage1, *args) == pytest.approx(res["stage1_ncm_accuracy"])
     metrics = (run_dir / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("stage,epoch") and len(metrics) == 1 + 2 + 2

@@ -13,7 +13,7 @@ import torch
 import yaml
 from tiny import TINY, run_cli
 
-from refilled.engine import atomic_write_bytes
+from refilled.files import atomic_write_bytes
 
 
 

@@ -1,3 +1,71 @@
-"""refilled: generalized knowledge distillation via relationship matching (REFILLED)."""
+"""refilled: generalized knowledge distillation via relationship matching (REFILLED).
 
-__version__ = "0.1.0"
+The Python API::
+
+    import refilled
+    student = refilled.distill(teacher, student, (images, labels), stage1_epochs=30, stage2_epochs=70)
+
+    # or REFILLED's two losses in a training loop of your own:
+    stage1 = refilled.RelationMatchingLoss(tau=4.0, margin=0.2)
+    stage2 = refilled.LocalClassifierLoss(tau_teacher=1.0)
+    centers = refilled.class_centers(teacher_embeddings, labels, num_classes)
+"""
+
+__version__ = "0.2.0"
+
+from refilled.errors import ConfigError, DatasetNotFoundError, UserError
+from refilled.losses import (
+    LocalClassifierLoss,
+    RelationMatchingLoss,
+    at_loss,
+    fitnet_loss,
+    kd_loss,
+    label_smoothing_ce,
+    local_centers,
+    local_classifier_loss,
+    pkt_loss,
+    relation_matching_loss,
+    relation_matching_terms,
+    rkd_loss,
+    sp_loss,
+    teacher_instance_weights,
+)
+from refilled.mining import semihard_tuples
+from refilled.ncm import class_centers, ncm_accuracy, ncm_logits
+from refilled.networks import FrozenTeacher, Network
+from refilled.api import History, distill  # noqa: E402  (after the pieces it is built from)
+from refilled.config import Config, load_config, make_config  # noqa: E402
+from refilled.models import create_model, list_models  # noqa: E402
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DatasetNotFoundError",
+    "FrozenTeacher",
+    "History",
+    "LocalClassifierLoss",
+    "Network",
+    "RelationMatchingLoss",
+    "UserError",
+    "at_loss",
+    "class_centers",
+    "create_model",
+    "distill",
+    "fitnet_loss",
+    "kd_loss",
+    "label_smoothing_ce",
+    "list_models",
+    "load_config",
+    "local_centers",
+    "local_classifier_loss",
+    "make_config",
+    "ncm_accuracy",
+    "ncm_logits",
+    "pkt_loss",
+    "relation_matching_loss",
+    "relation_matching_terms",
+    "rkd_loss",
+    "semihard_tuples",
+    "sp_loss",
+    "teacher_instance_weights",
+]

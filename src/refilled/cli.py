@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from refilled.config import load_config
-            from refilled.protocols import run
+            from refilled.pipeline import run
 
             results = run(load_config(args.config, args.overrides))
             print(json.dumps(results, indent=2))

@@ -59,18 +59,35 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """The frozen teacher: a zoo name, ``package.module:factory``, ``file.py:factory`` or
+    ``timm:NAME`` (see :mod:`refilled.models.external`), trained here unless ``checkpoint`` or
+    ``weights`` is given."""
+
     arch: str = "cnn_medium"
     kwargs: dict = field(default_factory=dict)
     checkpoint: str | None = None  # reuse a trained teacher (a checkpoint or its run directory)
+    weights: str | None = None  # a plain state_dict file (torch.save(model.state_dict())) for arch
     init: str = "trained"  # trained | random (control: untrained, BN statistics calibrated)
     seed: int = 0  # the teacher is trained once per seed here, shared by student runs
+    embedding: str | None = None  # None: zoo contract / input of the last nn.Linear; or a submodule
+    head: str | None = None  # its classifier (None: zoo head / last nn.Linear)
+    mean: tuple[float, ...] | None = None  # the input statistics it expects (None: the data's)
+    std: tuple[float, ...] | None = None
+    maps: tuple[str, ...] | None = None  # submodules whose outputs are its feature maps (AT, FitNet, SP)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=5, batch_size=128, lr=0.05))
 
 
 @dataclass(frozen=True)
 class StudentConfig:
+    """The student: like the teacher's ``arch``; its classifier is replaced where needed."""
+
     arch: str = "cnn_small"
     kwargs: dict = field(default_factory=dict)
+    embedding: str | None = None
+    head: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    maps: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +176,7 @@ class SpeedConfig:
 
 @dataclass(frozen=True)
 class IncrementalConfig:
-    """One-step incremental learning (``protocol: incremental``, :mod:`refilled.applications`).
+    """One-step incremental learning (``protocol: incremental``, :mod:`refilled.tasks`).
 
     The old model (the teacher) knows order[0:data.teacher_classes]; the student learns those
     plus the next ``new_classes`` classes of the order.
@@ -171,7 +188,7 @@ class IncrementalConfig:
 
 @dataclass(frozen=True)
 class FewShotConfig:
-    """Few- / middle-shot learning (``protocol: fewshot``, :mod:`refilled.applications`).
+    """Few- / middle-shot learning (``protocol: fewshot``, :mod:`refilled.tasks`).
 
     The teacher knows the base classes order[0:data.teacher_classes]; the student learns the
     novel classes order[s:s+novel_classes], s = data.student_offset (>= data.teacher_classes).
@@ -187,7 +204,7 @@ class FewShotConfig:
 
 @dataclass(frozen=True)
 class Config:
-    protocol: str = "distill"  # distill (class windows) | incremental | fewshot (applications.py)
+    protocol: str = "distill"  # distill (class windows) | incremental | fewshot (tasks.py)
     method: str = "refilled"  # ce (student alone) | refilled | refilled_stage1 | kd | rkd | ...
     ablation: str | None = None  # a named REFILLED variant (see ABLATIONS), e.g. stage2_only
     seed: int = 0
@@ -414,9 +431,9 @@ def _validate_optim(prefix: str, o: OptimConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that need no data (those that do are made when the data is loaded)."""
-    from refilled.methods import METHOD_BUILDERS  # registered by the methods themselves
+    from refilled.methods import METHODS  # registered by the methods themselves
 
-    _choice("method", cfg.method, sorted(METHOD_BUILDERS))
+    _choice("method", cfg.method, sorted(METHODS))
     _choice("protocol", cfg.protocol, PROTOCOLS)
     _choice("teacher.init", cfg.teacher.init, ("trained", "random"))
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
@@ -474,14 +491,15 @@ def _validate_applications(cfg: Config) -> None:
     _positive("fewshot.queries", fs.queries)
     if fs.ways < 2:
         raise ConfigError(f"config key 'fewshot.ways' must be >= 2, got {fs.ways}")
-    if cfg.method == "teacher_prototypes" and cfg.protocol != "fewshot":
-        raise ConfigError("method 'teacher_prototypes' is a reference of the few-shot protocol; "
-                          "set protocol: fewshot")
-    if cfg.method in ("finetune", "linear_probe") and (
-        cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs
-    ):
+    from refilled.methods import method_spec
+
+    spec = method_spec(cfg.method)  # what the method declares that the config alone can refute
+    if spec.protocols and cfg.protocol not in spec.protocols:
+        raise ConfigError(f"method '{spec.name}' belongs to the {' / '.join(spec.protocols)} "
+                          f"protocol; set protocol: {spec.protocols[0]}")
+    if spec.same_arch and (cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs):
         raise ConfigError(
-            f"method '{cfg.method}' starts from the old model, so student.arch/kwargs must equal "
+            f"method '{spec.name}' starts from the old model, so student.arch/kwargs must equal "
             f"teacher.arch/kwargs (got student {cfg.student.arch!r} {cfg.student.kwargs}, "
             f"teacher {cfg.teacher.arch!r} {cfg.teacher.kwargs})"
         )

@@ -13,9 +13,9 @@ from importlib import resources
 from pathlib import Path
 
 from refilled.config import load_config, load_yaml, make_config
-from refilled.engine import atomic_write_text
-from refilled.protocols import run
-from refilled.report import markdown_table, plot_arms, summarize, write_csv
+from refilled.files import atomic_write_text, write_csv
+from refilled.pipeline import run
+from refilled.report import markdown_table, plot_arms, summarize
 
 ALONE, REFILLED, RANDOM = "student alone", "REFILLED", "REFILLED, random teacher"
 ARMS = {

@@ -17,15 +17,18 @@ def class_centers(
     num_classes: int,
     *,
     normalize_inputs: bool = False,
+    allow_missing: bool = False,
 ) -> torch.Tensor:
     """Normalised class means (num_classes, D), accumulated with ``index_add_``.
 
     Args:
         normalize_inputs: L2-normalise each embedding before averaging (the NCM protocol);
             False averages raw embeddings (the teacher centres of stage 2).
+        allow_missing: a class without instances gets a zero row instead of an error.
 
     Raises:
-        ValueError: naming every class in ``range(num_classes)`` that has no instance.
+        ValueError: naming every class in ``range(num_classes)`` that has no instance
+            (unless ``allow_missing``).
     """
     labels = labels.reshape(-1)
     if embeddings.shape[0] != labels.numel():
@@ -34,7 +37,7 @@ def class_centers(
     counts = torch.bincount(labels, minlength=num_classes)
     if counts.numel() > num_classes:
         raise ValueError(f"labels go up to {int(labels.max())} but num_classes is {num_classes}")
-    missing = (counts == 0).nonzero().flatten().tolist()
+    missing = [] if allow_missing else (counts == 0).nonzero().flatten().tolist()
     if missing:
         raise ValueError(
             f"class(es) {missing} have no instance, so they have no class centre; "

@@ -9,8 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
-from refilled.engine import atomic_write_bytes, atomic_write_text
-from refilled.engine import write_csv  # noqa: F401  (one CSV writer; re-exported for callers)
+from refilled.files import atomic_write_bytes, atomic_write_text, write_csv
+from refilled.stats import ci95, mean_std
 from refilled.errors import UserError
 
 
@@ -35,21 +35,6 @@ def arm_label(record: dict) -> str:
     if record.get("teacher_init") == "random" and "random" not in label:
         label += " (random teacher)"
     return label
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def ci95(values: list[float]) -> float:
-    """Half-width of the 95% confidence interval of the mean (t distribution)."""
-    if len(values) < 2:
-        return math.nan
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def summarize(results: list[dict], baseline: str | None = None, group_keys=("protocol",)) -> list[dict]:

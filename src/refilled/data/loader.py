@@ -201,7 +201,11 @@ class ClassBalancedSampler:
 
 
 class TensorLoader:
-    """Batches ``(normalised float images, int64 labels)`` from tensors held on ``device``.
+    """Batches ``(float images, int64 labels)`` from tensors held on ``device``.
+
+    uint8 images are scaled to [0, 1]; float images (a user's own tensors) are used as they
+    are. Augmentation runs on the batch; with ``mean``/``std`` the batch is then normalised
+    (without them it is left to each network, which normalises its own input).
 
     Each iteration uses the current epoch (``set_epoch``) and then advances it by one, so
     ``set_epoch(e)`` before iterating reproduces epoch ``e`` exactly. With ``sampler`` (e.g.
@@ -218,8 +222,8 @@ class TensorLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         augment=None,
-        mean,
-        std,
+        mean=None,
+        std=None,
         device="cpu",
         seed: int = 0,
         sampler=None,
@@ -227,8 +231,10 @@ class TensorLoader:
         world: int = 1,
         channels_last: bool = False,
     ):
-        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-            raise ConfigError("TensorLoader: images must be a uint8 tensor N x C x H x W")
+        if images_uint8.dim() != 4 or not (images_uint8.dtype == torch.uint8
+                                            or images_uint8.is_floating_point()):
+            raise ConfigError("the images must be a uint8 or float tensor N x C x H x W, got "
+                              f"{images_uint8.dtype} of shape {tuple(images_uint8.shape)}")
         if len(images_uint8) != len(labels):
             raise ConfigError(f"TensorLoader: {len(images_uint8)} images but {len(labels)} labels")
         if sampler is not None and getattr(sampler, "batch_size", batch_size) != batch_size:
@@ -243,10 +249,12 @@ class TensorLoader:
         self.images = images_uint8.to(self.device).contiguous()
         self.labels = torch.as_tensor(labels).long().to(self.device)
         c = self.images.shape[1]
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
-        if self.mean.shape[1] not in (1, c) or self.std.shape[1] not in (1, c):
-            raise ConfigError(f"TensorLoader: mean/std need 1 or {c} values for {c}-channel images")
+        self.mean = self.std = None
+        if mean is not None:
+            self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+            self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+            if self.mean.shape[1] not in (1, c) or self.std.shape[1] not in (1, c):
+                raise ConfigError(f"TensorLoader: mean/std need 1 or {c} values for {c}-channel images")
         self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
         self.augment, self.seed, self.sampler = augment, int(seed), sampler
         if world > 1 and self.batch_size % world:
@@ -277,10 +285,13 @@ class TensorLoader:
         gen = epoch_generator(self.seed, epoch)  # shuffling and augmentation of this epoch
         for idx in self._batch_indices(gen, epoch):
             idx = to_device(idx, self.device)
-            x = self.images[idx].float().div_(255.0)
+            x = self.images[idx]
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
             if self.augment is not None:
                 x = self.augment(x, gen)  # pads with 0 = black, before normalisation
-            x, y = (x - self.mean) / self.std, self.labels[idx]
+            if self.mean is not None:
+                x = (x - self.mean) / self.std
+            y = self.labels[idx]
             if self.world > 1:  # augmentation drew for the whole global batch: same on every rank
                 x, y = x.chunk(self.world)[self.rank], y.chunk(self.world)[self.rank]
             if self.channels_last:

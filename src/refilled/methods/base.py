@@ -1,40 +1,29 @@
-"""The frozen teacher, the method base class, stages and the method registry."""
+"""The method base class, stages, and the method registry with each method's requirements.
+
+A method declares what it needs when it is registered (:class:`MethodSpec`): a teacher, classes
+both sides know, the teacher's logits, feature maps, the teacher's architecture, which protocols
+it belongs to, how its final predictor is evaluated, and the schedules of its stages. No other
+module tests method names: the pipeline reads these declarations.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from refilled.errors import ConfigError
 
-
-class FrozenTeacher:
-    """The one place where the teacher is frozen: eval mode, no gradients, never trained.
-
-    Deliberately not an ``nn.Module`` attribute of a method, so that it never appears in a
-    method's parameters, state dict or ``train()`` calls.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding, logits) of the teacher for a batch."""
-        self.model.eval()
-        z = self.model.forward_features(x)
-        return z, self.model.forward_head(z)
-
-    @property
-    def num_features(self) -> int:
-        return self.model.num_features
+if TYPE_CHECKING:  # pragma: no cover
+    from refilled.config import Config, OptimConfig
+    from refilled.networks import FrozenTeacher, Network
+    from refilled.runtime import Dist
 
 
 class Method(nn.Module):
-    """Base: ``self.student`` is the model being trained; subclasses implement :meth:`step`.
+    """Base: ``self.student`` is the network being trained; subclasses implement :meth:`step`.
 
     Extra trainable modules (e.g. a FitNet regressor) are ordinary submodules: they are trained,
     checkpointed and resumed with the student.
@@ -56,16 +45,18 @@ class Method(nn.Module):
 
 
 @dataclass
-class Context:
-    """What a method builder may use: the config, the models, the data and the run's helpers."""
+class Resolved:
+    """The values a method builder gets: everything is computed before the builder runs."""
 
-    cfg: Any  # refilled.config.Config
-    student: nn.Module
-    teacher: FrozenTeacher | None
-    task: Any  # refilled.protocols.Task
-    teacher_centers: Callable[[], torch.Tensor]  # global teacher centres (computed once, cached)
-    class_map: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # (student ids, teacher ids) shared
-    dist: Any = None  # refilled.engine.Dist under torchrun (None: one process)
+    cfg: "Config"
+    student: "Network"
+    teacher: "FrozenTeacher | None"
+    num_classes: int
+    example: torch.Tensor  # a few raw training inputs (shape probes)
+    centers: torch.Tensor | None = None  # global teacher centres of the student's classes
+    student_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    teacher_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    dist: "Dist | None" = None
 
 
 @dataclass
@@ -85,24 +76,70 @@ class Stage:
     prepare: Callable[[], None] | None = None
 
 
-METHOD_BUILDERS: dict[str, Callable[[Context], list[Stage]]] = {}
-_NEEDS_TEACHER: dict[str, bool] = {}
+def _train_schedule(cfg: "Config") -> list[tuple[str, "OptimConfig", bool]]:
+    return [("train", cfg.train, False)]
 
 
-def register_method(name: str, needs_teacher: bool = True):
-    def deco(builder: Callable[[Context], list[Stage]]):
-        METHOD_BUILDERS[name] = builder
-        _NEEDS_TEACHER[name] = needs_teacher
+PREDICTORS = ("classifier", "student_ncm", "teacher_ncm")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method and what it needs.
+
+    * ``needs_teacher``: a frozen teacher is built (trained, loaded or random) for it;
+    * ``shared_classes``: at least this many student classes must be teacher classes;
+    * ``teacher_logits``: it reads the teacher's own logits (a feature-extractor teacher fails);
+    * ``maps``: it reads feature maps of both networks (zoo ``forward_maps`` or ``maps=`` names);
+    * ``same_arch``: it starts from the teacher's weights, so the architectures must match;
+    * ``protocols``: the protocols it belongs to (empty: all);
+    * ``predictor``: what is evaluated at the end: the student's ``classifier``, the NCM
+      classifier on the student's embedding (``student_ncm``), or on the teacher's
+      (``teacher_ncm``; nothing trains);
+    * ``schedules(cfg)``: ``(config key, OptimConfig, needs positive pairs)`` of its stages,
+      in order, for the checks made before anything trains;
+    * ``global_centers(cfg)``: whether it needs the global teacher centres of the student's
+      classes (computed once, saved, before the stages are built).
+    """
+
+    name: str
+    build: Callable[[Resolved], list[Stage]]
+    needs_teacher: bool = True
+    shared_classes: int = 0
+    teacher_logits: bool = False
+    maps: bool = False
+    same_arch: bool = False
+    protocols: tuple[str, ...] = ()
+    predictor: str = "classifier"
+    schedules: Callable[["Config"], list] = _train_schedule
+    global_centers: Callable[["Config"], bool] = lambda cfg: False
+    doc: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, **requirements):
+    """Decorator: register a builder ``Resolved -> list[Stage]`` with its requirements."""
+
+    def deco(builder: Callable[[Resolved], list[Stage]]):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        spec = MethodSpec(name=name, build=builder, doc=(builder.__doc__ or "").strip().split("\n")[0],
+                          **requirements)
+        if spec.predictor not in PREDICTORS:
+            raise ValueError(f"method {name!r}: predictor must be one of {PREDICTORS}")
+        METHODS[name] = spec
         return builder
 
     return deco
 
 
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
 def needs_teacher(name: str) -> bool:
-    return _NEEDS_TEACHER[name]
-
-
-def build_stages(name: str, ctx: Context) -> list[Stage]:
-    if name not in METHOD_BUILDERS:
-        raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHOD_BUILDERS))}")
-    return METHOD_BUILDERS[name](ctx)
+    return method_spec(name).needs_teacher

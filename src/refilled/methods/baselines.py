@@ -1,7 +1,7 @@
-"""Baseline methods on the shared loop, and REFILLED's stage 1 alone (an ablation).
+"""Baseline methods on the shared loop, and the teacher-NCM reference.
 
 Every baseline is cross-entropy on the student's own classes plus one weighted distillation term
-from :mod:`refilled.baseline_losses`; the weights live in the config's ``baselines:`` section.
+from :mod:`refilled.losses`; the weights live in the config's ``baselines:`` section.
 What each method matches:
 
 =================  ================================================================================
@@ -18,8 +18,9 @@ What each method matches:
                    student's training images (a reference; evaluated by the protocol)
 =================  ================================================================================
 
-Feature maps come from the models' ``forward_maps``; the student's logits are computed from the
-same forward pass (its last map, pooled, is its embedding). The teacher is only ever run through
+Feature maps come from the networks' ``maps_and_logits`` (the zoo's ``forward_maps``, or the
+outputs of the submodules named in ``maps``), in the same forward pass as the logits. The
+teacher is only ever run through
 :class:`FrozenTeacher` or under ``torch.no_grad()`` in eval mode.
 """
 
@@ -29,11 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refilled.baseline_losses import at_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss
 from refilled.errors import ConfigError
-from refilled.methods.base import Context, FrozenTeacher, Method, Stage, register_method
+from refilled.losses import at_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss
+from refilled.methods.base import Method, Resolved, Stage, register_method
 from refilled.methods.ce import CrossEntropy
-from refilled.methods.refilled import RelationMatching
+from refilled.networks import FrozenTeacher
 
 # ------------------------------------------------------------------ helpers
 
@@ -44,39 +45,20 @@ def select_shared(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return student_logits[:, student_ids], teacher_logits[:, teacher_ids]
 
 
-def student_maps_and_logits(student: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One forward pass: the stage outputs and the logits (from the pooled last map)."""
-    maps = student.forward_maps(x)
-    return maps, student.forward_head(maps[-1].mean(dim=(2, 3)))
-
-
 @torch.no_grad()
-def teacher_maps(teacher: FrozenTeacher, x: torch.Tensor) -> list[torch.Tensor]:
-    teacher.model.eval()
-    return teacher.model.forward_maps(x)
-
-
-@torch.no_grad()
-def map_shapes(model: nn.Module, ctx: Context) -> list[torch.Size]:
-    """Shapes of ``model.forward_maps`` on inputs of the task's image size (a 2-image probe in
-    eval mode, so no BN statistics change)."""
-    ref = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    probe = torch.zeros(2, *ctx.task.train.images.shape[1:], device=ref.device, dtype=ref.dtype)
-    shapes = [m.shape for m in model.forward_maps(probe)]
-    model.train(was_training)
+def map_shapes(network, example: torch.Tensor) -> list[torch.Size]:
+    """Shapes of a network's feature maps on ``example`` (eval mode: no BN statistic moves)."""
+    was_training = network.training
+    network.eval()
+    try:
+        shapes = [m.shape for m in network.maps_and_logits(example[:2])[0]]
+    finally:
+        network.train(was_training)
     return shapes
 
 
 def _sizes(shapes) -> str:
-    return ", ".join(f"{s[2]}x{s[3]}" for s in shapes)
-
-
-def _teacher(ctx: Context) -> FrozenTeacher:
-    if ctx.teacher is None:  # pragma: no cover - the protocol builds one for these methods
-        raise ConfigError(f"method '{ctx.cfg.method}' needs a teacher")
-    return ctx.teacher
+    return ", ".join(f"{s[2]}x{s[3]}" if len(s) == 4 else "x".join(map(str, s[1:])) for s in shapes)
 
 
 # ------------------------------------------------------------------ methods
@@ -108,8 +90,7 @@ class EmbeddingDistillation(Method):
         self.teacher, self.name, self.loss_fn, self.weight = teacher, name, loss_fn, weight
 
     def step(self, x, y, epoch):
-        z = self.student.forward_features(x)
-        logits = self.student.forward_head(z)
+        z, logits = self.student.features_and_logits(x)
         t_emb, _ = self.teacher(x)
         return {"ce": F.cross_entropy(logits, y), self.name: self.weight * self.loss_fn(z, t_emb)}
 
@@ -122,8 +103,8 @@ class SimilarityPreserving(Method):
         self.teacher, self.gamma = teacher, gamma
 
     def step(self, x, y, epoch):
-        maps, logits = student_maps_and_logits(self.student, x)
-        t_maps = teacher_maps(self.teacher, x)
+        maps, logits = self.student.maps_and_logits(x)
+        t_maps = self.teacher.maps(x)
         return {"ce": F.cross_entropy(logits, y), "sp": self.gamma * sp_loss(maps[-1], t_maps[-1])}
 
 
@@ -135,8 +116,8 @@ class AttentionTransfer(Method):
         self.teacher, self.pairs, self.beta = teacher, pairs, beta
 
     def step(self, x, y, epoch):
-        maps, logits = student_maps_and_logits(self.student, x)
-        t_maps = teacher_maps(self.teacher, x)
+        maps, logits = self.student.maps_and_logits(x)
+        t_maps = self.teacher.maps(x)
         at = at_loss([maps[i] for i, _ in self.pairs], [t_maps[j] for _, j in self.pairs])
         return {"ce": F.cross_entropy(logits, y), "at": self.beta / 2 * at}
 
@@ -157,8 +138,8 @@ class FitNet(Method):
         )
 
     def step(self, x, y, epoch):
-        maps, logits = student_maps_and_logits(self.student, x)
-        t_maps = teacher_maps(self.teacher, x)
+        maps, logits = self.student.maps_and_logits(x)
+        t_maps = self.teacher.maps(x)
         hint = fitnet_loss(self.regressor(maps[-1]), t_maps[-1])
         return {"ce": F.cross_entropy(logits, y), "fitnet": self.weight * hint}
 
@@ -166,47 +147,37 @@ class FitNet(Method):
 # ------------------------------------------------------------------ builders
 
 
-@register_method("kd")
-def build_kd(ctx: Context) -> list[Stage]:
-    """Hinton KD over the classes both windows hold; refused when they share fewer than two."""
-    student_ids, teacher_ids = ctx.class_map()
-    if len(student_ids) == 0:
-        raise ConfigError(
-            "method 'kd' needs classes the teacher knows, but the student's classes share none "
-            "with the teacher's (disjoint class windows); use refilled, rkd, pkt, sp, at or fitnet, "
-            "which transfer knowledge without shared classes"
-        )
-    if len(student_ids) == 1:
-        raise ConfigError(
-            "method 'kd' matches the softmax over the shared classes, but the windows share only "
-            "one class (a softmax over one class carries nothing); use refilled, rkd, pkt, sp, at "
-            "or fitnet instead"
-        )
-    b = ctx.cfg.baselines
-    method = HintonKD(ctx.student, _teacher(ctx), student_ids, teacher_ids, b.kd_temperature, b.kd_alpha)
-    return [Stage("train", method, ctx.cfg.train)]
+@register_method("kd", shared_classes=2, teacher_logits=True)
+def build_kd(r: Resolved) -> list[Stage]:
+    """Hinton KD over the classes both windows hold (at least two)."""
+    b = r.cfg.baselines
+    method = HintonKD(r.student, r.teacher, r.student_ids, r.teacher_ids, b.kd_temperature, b.kd_alpha)
+    return [Stage("train", method, r.cfg.train)]
 
 
 @register_method("rkd")
-def build_rkd(ctx: Context) -> list[Stage]:
-    b = ctx.cfg.baselines
+def build_rkd(r: Resolved) -> list[Stage]:
+    """RKD: distances and angles between embeddings."""
+    b = r.cfg.baselines
 
     def loss(s, t):
         return rkd_loss(s, t, b.rkd_distance_weight, b.rkd_angle_weight)
 
-    return [Stage("train", EmbeddingDistillation(ctx.student, _teacher(ctx), "rkd", loss, 1.0), ctx.cfg.train)]
+    return [Stage("train", EmbeddingDistillation(r.student, r.teacher, "rkd", loss, 1.0), r.cfg.train)]
 
 
 @register_method("pkt")
-def build_pkt(ctx: Context) -> list[Stage]:
-    method = EmbeddingDistillation(ctx.student, _teacher(ctx), "pkt", pkt_loss, ctx.cfg.baselines.pkt_weight)
-    return [Stage("train", method, ctx.cfg.train)]
+def build_pkt(r: Resolved) -> list[Stage]:
+    """PKT: cosine-kernel conditional probabilities between embeddings."""
+    method = EmbeddingDistillation(r.student, r.teacher, "pkt", pkt_loss, r.cfg.baselines.pkt_weight)
+    return [Stage("train", method, r.cfg.train)]
 
 
-@register_method("sp")
-def build_sp(ctx: Context) -> list[Stage]:
-    method = SimilarityPreserving(ctx.student, _teacher(ctx), ctx.cfg.baselines.sp_gamma)
-    return [Stage("train", method, ctx.cfg.train)]
+@register_method("sp", maps=True)
+def build_sp(r: Resolved) -> list[Stage]:
+    """SP: batch similarity of the last feature maps."""
+    method = SimilarityPreserving(r.student, r.teacher, r.cfg.baselines.sp_gamma)
+    return [Stage("train", method, r.cfg.train)]
 
 
 def at_pairs(student_shapes, teacher_shapes) -> list[tuple[int, int]]:
@@ -217,59 +188,50 @@ def at_pairs(student_shapes, teacher_shapes) -> list[tuple[int, int]]:
     return [(i, last_t[hw]) for hw, i in sorted(last_s.items(), key=lambda kv: kv[1]) if hw in last_t]
 
 
-@register_method("at")
-def build_at(ctx: Context) -> list[Stage]:
-    teacher = _teacher(ctx)
-    s_shapes, t_shapes = map_shapes(ctx.student, ctx), map_shapes(teacher.model, ctx)
+def _arch(r: Resolved, role: str) -> str:
+    return getattr(r.cfg, role).arch
+
+
+@register_method("at", maps=True)
+def build_at(r: Resolved) -> list[Stage]:
+    """AT: attention maps of every pair of stage outputs of equal spatial size."""
+    s_shapes, t_shapes = map_shapes(r.student, r.example), map_shapes(r.teacher.network, r.example)
     pairs = at_pairs(s_shapes, t_shapes)
     if not pairs:
         raise ConfigError(
             f"method 'at' pairs student and teacher feature maps of equal spatial size, but the "
-            f"student {ctx.cfg.student.arch} has {_sizes(s_shapes)} and the teacher "
-            f"{ctx.cfg.teacher.arch} has {_sizes(t_shapes)}; use architectures with the same "
+            f"student {_arch(r, 'student')} has {_sizes(s_shapes)} and the teacher "
+            f"{_arch(r, 'teacher')} has {_sizes(t_shapes)}; use architectures with the same "
             f"downsampling (e.g. two CNNs) or another method"
         )
-    return [Stage("train", AttentionTransfer(ctx.student, teacher, pairs, ctx.cfg.baselines.at_beta),
-                  ctx.cfg.train)]
+    return [Stage("train", AttentionTransfer(r.student, r.teacher, pairs, r.cfg.baselines.at_beta),
+                  r.cfg.train)]
 
 
-@register_method("fitnet")
-def build_fitnet(ctx: Context) -> list[Stage]:
-    teacher = _teacher(ctx)
-    s_last, t_last = map_shapes(ctx.student, ctx)[-1], map_shapes(teacher.model, ctx)[-1]
-    if s_last[2:] != t_last[2:]:
+@register_method("fitnet", maps=True)
+def build_fitnet(r: Resolved) -> list[Stage]:
+    """FitNet: the last feature map through a trainable 1x1 conv + BN regressor."""
+    s_last, t_last = map_shapes(r.student, r.example)[-1], map_shapes(r.teacher.network, r.example)[-1]
+    if len(s_last) != 4 or len(t_last) != 4 or s_last[2:] != t_last[2:]:
         raise ConfigError(
             f"method 'fitnet' regresses the student's last feature map onto the teacher's, but they "
-            f"differ in size ({_sizes([s_last])} for {ctx.cfg.student.arch}, {_sizes([t_last])} for "
-            f"{ctx.cfg.teacher.arch}); use architectures with the same downsampling or another method"
+            f"differ in size ({_sizes([s_last])} for {_arch(r, 'student')}, {_sizes([t_last])} for "
+            f"{_arch(r, 'teacher')}); use architectures with the same downsampling or another method"
         )
-    ref = next(ctx.student.parameters())
-    method = FitNet(ctx.student, teacher, s_last[1], t_last[1], ctx.cfg.baselines.fitnet_weight)
+    ref = next(r.student.parameters())
+    method = FitNet(r.student, r.teacher, s_last[1], t_last[1], r.cfg.baselines.fitnet_weight)
     method.regressor.to(device=ref.device, dtype=ref.dtype)
-    return [Stage("train", method, ctx.cfg.train)]
+    return [Stage("train", method, r.cfg.train)]
 
 
 @register_method("label_smoothing", needs_teacher=False)
-def build_label_smoothing(ctx: Context) -> list[Stage]:
+def build_label_smoothing(r: Resolved) -> list[Stage]:
     """The no-teacher control: CE with smoothed targets (``baselines.label_smoothing``)."""
-    return [Stage("train", CrossEntropy(ctx.student, ctx.cfg.baselines.label_smoothing), ctx.cfg.train)]
+    return [Stage("train", CrossEntropy(r.student, r.cfg.baselines.label_smoothing), r.cfg.train)]
 
 
-@register_method("teacher_ncm")
-def build_teacher_ncm(ctx: Context) -> list[Stage]:
-    """The reference with no stage: :func:`refilled.protocols.run` evaluates the teacher's
-    embedding with the normalised class means of the student's training images (cosine NCM)."""
+@register_method("teacher_ncm", predictor="teacher_ncm", schedules=lambda cfg: [])
+def build_teacher_ncm(r: Resolved) -> list[Stage]:
+    """The reference with no training: the teacher's embedding with the normalised class means
+    of the student's training images (cosine NCM)."""
     return []
-
-
-@register_method("refilled_stage1")
-def build_refilled_stage1(ctx: Context) -> list[Stage]:
-    """REFILLED's stage 1 alone, reported with its nearest-class-mean classifier (ablation
-    ``stage1_only``): the stage's budget is ``stage1.optim``."""
-    if ctx.cfg.stage1.optim.epochs == 0:
-        raise ConfigError(
-            "method 'refilled_stage1' trains REFILLED's stage 1 only, but stage1.optim.epochs is 0; "
-            "set stage1.optim.epochs > 0"
-        )
-    method = RelationMatching(ctx.student, _teacher(ctx), ctx.cfg.stage1)
-    return [Stage("stage1", method, ctx.cfg.stage1.optim, validate="ncm")]

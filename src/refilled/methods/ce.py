@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from refilled.methods.base import Context, Method, Stage, register_method
+from refilled.methods.base import Method, Resolved, Stage, register_method
 
 
 class CrossEntropy(Method):
@@ -17,5 +17,6 @@ class CrossEntropy(Method):
 
 
 @register_method("ce", needs_teacher=False)
-def build_ce(ctx: Context) -> list[Stage]:
-    return [Stage("train", CrossEntropy(ctx.student), ctx.cfg.train)]
+def build_ce(r: Resolved) -> list[Stage]:
+    """The student alone: cross-entropy on its own classes."""
+    return [Stage("train", CrossEntropy(r.student), r.cfg.train)]

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refilled.config import Stage1Config, Stage2Config
 from refilled.losses import (
     local_centers,
     local_classifier_loss,
     relation_matching_terms,
     teacher_instance_weights,
 )
-from refilled.methods.base import Context, FrozenTeacher, Method, Stage, register_method
+from refilled.methods.base import Method, Resolved, Stage, register_method
+
+if TYPE_CHECKING:  # pragma: no cover
+    from refilled.config import Stage1Config, Stage2Config
+    from refilled.networks import FrozenTeacher
 
 
 class RelationMatching(Method):
@@ -25,27 +28,31 @@ class RelationMatching(Method):
     Only the backbone trains; the classifier is untouched (and replaced before stage 2).
     """
 
-    def __init__(self, student, teacher: FrozenTeacher, cfg: Stage1Config, dist=None):
+    def __init__(self, student, teacher: "FrozenTeacher", cfg: "Stage1Config", dist=None):
         super().__init__(student)
         self.teacher, self.cfg = teacher, cfg
         # Under torchrun with speed.global_mining, tuples are mined over the global batch.
         self.dist = dist
         # The classifier takes no part in stage 1 (and gets no gradient, which DDP requires).
-        student.head.requires_grad_(False)
+        head = student.classifier
+        if head is not None:
+            head.requires_grad_(False)
 
     def parameters_to_train(self) -> Iterator[nn.Parameter]:
-        head = {id(p) for p in self.student.head.parameters()}
-        return (p for p in self.student.parameters() if p.requires_grad and id(p) not in head)
+        head = self.student.classifier
+        skip = {id(p) for p in head.parameters()} if head is not None else set()
+        return (p for p in self.student.parameters() if p.requires_grad and id(p) not in skip)
 
     def step(self, x, y, epoch):
         t_emb, _ = self.teacher(x)
         s_emb = self.student.forward_features(x)
         if self.dist is not None and self.dist.world > 1:
             s_emb, t_emb, y = self.dist.gather(s_emb), self.dist.gather(t_emb), self.dist.gather(y)
-        loss, num_tuples = relation_matching_terms(
-            s_emb.float(), t_emb.float(), y,
-            tau=self.cfg.tau, margin=self.cfg.margin, mode=self.cfg.mode, scale=self.cfg.scale,
-        )
+        with torch.autocast(s_emb.device.type, enabled=False):  # mining and the KL in fp32
+            loss, num_tuples = relation_matching_terms(
+                s_emb.float(), t_emb.float(), y,
+                tau=self.cfg.tau, margin=self.cfg.margin, mode=self.cfg.mode, scale=self.cfg.scale,
+            )
         empty = (num_tuples == 0).float()
         return {"relation": loss, "_tuples": num_tuples.float(), "_empty_batches": empty}
 
@@ -54,10 +61,11 @@ class LocalClassifierDistillation(Method):
     """Stage 2: CE + lambda * w_i * KL(teacher's embedding-induced local classifier || student).
 
     ``centers`` are the teacher's class centres of the student's classes (global variant);
-    ``None`` with ``cfg.centers == "local"`` computes them inside each batch (CVPR).
+    ``None`` with ``cfg.centers == "local"`` computes them inside each batch (CVPR). A teacher
+    without logits (a feature extractor) gives no instance weights (w = 1).
     """
 
-    def __init__(self, student, teacher: FrozenTeacher, cfg: Stage2Config, centers=None):
+    def __init__(self, student, teacher: "FrozenTeacher", cfg: "Stage2Config", centers=None):
         super().__init__(student)
         self.teacher, self.cfg = teacher, cfg
         if cfg.centers == "global" and centers is None:
@@ -71,32 +79,59 @@ class LocalClassifierDistillation(Method):
         t_emb, t_logits = self.teacher(x)
         logits = self.student(x)
         num_classes = logits.shape[1]
-        centers = self.centers if self.cfg.centers == "global" else local_centers(t_emb, y, num_classes)
-        weights = teacher_instance_weights(t_logits) if self.cfg.weighting else None
-        distill = local_classifier_loss(
-            logits.float(), t_emb.float(), y, centers,
-            tau_teacher=self.cfg.tau_teacher, tau_student=self.cfg.tau_student,
-            weights=weights, normalize_teacher=self.cfg.normalize_teacher,
-        )
+        with torch.autocast(logits.device.type, enabled=False):  # teacher logits and KL in fp32
+            t_emb = t_emb.float()
+            centers = self.centers if self.cfg.centers == "global" else local_centers(t_emb, y, num_classes)
+            weights = (teacher_instance_weights(t_logits.float())
+                       if self.cfg.weighting and t_logits is not None else None)
+            distill = local_classifier_loss(
+                logits.float(), t_emb, y, centers,
+                tau_teacher=self.cfg.tau_teacher, tau_student=self.cfg.tau_student,
+                weights=weights, normalize_teacher=self.cfg.normalize_teacher,
+            )
         return {"ce": F.cross_entropy(logits, y), "distill": self.lam(epoch) * distill}
 
 
+def refilled_schedules(cfg) -> list:
+    out = [("stage1.optim", cfg.stage1.optim, True)] if cfg.stage1.optim.epochs > 0 else []
+    return out + [("train", cfg.train, False)]
 
-@register_method("refilled")
-def build_refilled(ctx: Context) -> list[Stage]:
-    """Stage 1 (when stage1.optim.epochs > 0), then stage 2 from a fresh classifier."""
-    cfg, student, teacher = ctx.cfg, ctx.student, ctx.teacher
+
+@register_method("refilled", schedules=refilled_schedules,
+                 global_centers=lambda cfg: cfg.stage2.centers == "global")
+def build_refilled(r: Resolved) -> list[Stage]:
+    """REFILLED: stage 1 (when stage1.optim.epochs > 0), then stage 2 from a fresh classifier."""
+    cfg, student, teacher = r.cfg, r.student, r.teacher
     stages = []
     if cfg.stage1.optim.epochs > 0:
-        dist = ctx.dist if cfg.speed.global_mining else None
+        dist = r.dist if cfg.speed.global_mining else None
         stages.append(Stage("stage1", RelationMatching(student, teacher, cfg.stage1, dist),
                             cfg.stage1.optim, validate="ncm"))
-    centers = ctx.teacher_centers() if cfg.stage2.centers == "global" else None
+    centers = r.centers if cfg.stage2.centers == "global" else None
 
     def fresh_classifier():
         torch.manual_seed(cfg.seed + 1)
-        student.reset_classifier(ctx.task.num_classes)
+        student.reset_classifier(r.num_classes)
 
     stages.append(Stage("stage2", LocalClassifierDistillation(student, teacher, cfg.stage2, centers),
                         cfg.train, prepare=fresh_classifier))
     return stages
+
+
+def _stage1_only_schedules(cfg) -> list:
+    return [("stage1.optim", cfg.stage1.optim, True)]
+
+
+@register_method("refilled_stage1", schedules=_stage1_only_schedules, predictor="student_ncm")
+def build_refilled_stage1(r: Resolved) -> list[Stage]:
+    """REFILLED's stage 1 alone, reported with its nearest-class-mean classifier (ablation
+    ``stage1_only``): the stage's budget is ``stage1.optim``."""
+    from refilled.errors import ConfigError
+
+    if r.cfg.stage1.optim.epochs == 0:
+        raise ConfigError(
+            "method 'refilled_stage1' trains REFILLED's stage 1 only, but stage1.optim.epochs is 0; "
+            "set stage1.optim.epochs > 0"
+        )
+    method = RelationMatching(r.student, r.teacher, r.cfg.stage1)
+    return [Stage("stage1", method, r.cfg.stage1.optim, validate="ncm")]

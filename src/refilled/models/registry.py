@@ -153,13 +153,21 @@ def _check_kwargs(name: str, fn: Callable, skip: tuple[str, ...], kwargs: dict) 
             raise ConfigError(f"model {name!r} got an unknown argument {key!r} (accepted: {opts})")
 
 
-def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Build the model called ``name``; raises ConfigError for unknown names or kwargs."""
+def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int | None = None,
+                 **kwargs) -> nn.Module:
+    """Build the model called ``name``; raises ConfigError for unknown names or kwargs.
+
+    ``input_size`` (the side of the square input images) is passed to models that need it
+    (``mlp``) unless ``kwargs`` set it; the others ignore it.
+    """
     check_positive_int("num_classes", num_classes)
     check_positive_int("in_chans", in_chans)
     if name in _MODELS:
         fn = _MODELS[name]
         _check_kwargs(name, fn, (), kwargs)
+        if input_size is not None and "input_size" not in kwargs and (
+                "input_size" in inspect.signature(fn).parameters):
+            kwargs["input_size"] = input_size
         return fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
     for regex, _, fn in _PATTERNS:
         match = regex.fullmatch(name)

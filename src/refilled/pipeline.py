@@ -1,0 +1,377 @@
+"""``refilled run``: config -> task -> teacher -> the method -> one test evaluation -> results.
+
+Data flows one way, in these steps:
+
+1. the **tasks** of the protocol (:mod:`refilled.tasks`): the student's classes and splits, and
+   the teacher's;
+2. the **checks** that need no training: the method's declared requirements, the batch
+   settings, both networks built;
+3. the **teacher** (an explicit step): loaded from ``teacher.checkpoint`` or
+   ``teacher.weights``, random (the control), or trained once in its own run directory that every
+   student run shares;
+4. the **student** is trained by :func:`refilled.distill` (the same function a Python user calls),
+   which resolves the teacher centres and the class map into values, builds the method's stages
+   and runs the one training loop;
+5. one **evaluation** on the test split (protocol-specific: old/new classes, few-shot episodes)
+   and one **results** writer.
+
+The test split is read once, in step 5, for the reported figures; everything selected during
+training (nothing, by default: the last epoch is reported) may only look at the validation split
+carved from the training data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from refilled.api import distill, weights_of
+from refilled.config import Config
+from refilled.data import Augment
+from refilled.errors import ConfigError, UserError
+from refilled.evaluation import (
+    as_input,
+    classifier_predictor,
+    embedding_norm,
+    episode_accuracies,
+    ncm_predictor,
+    predict,
+    sample_episodes,
+    split_accuracy,
+)
+from refilled.files import atomic_torch_save, atomic_write_text, safe_load
+from refilled.methods import MethodSpec, method_spec
+from refilled.models.external import build_module, load_weights
+from refilled.networks import FrozenTeacher, Network
+from refilled.rundirs import (
+    config_digest,
+    finished_results,
+    prepare_run_dir,
+    run_dir_of,
+    teacher_config,
+)
+from refilled.runtime import Dist, init_distributed, seed_everything
+from refilled.stats import ci95
+from refilled.tasks import (
+    Task,
+    Tasks,
+    distill_tasks,
+    fewshot_tasks,
+    incremental_tasks,
+    protocol_name,
+    shared_classes,
+)
+
+# ------------------------------------------------------------------ networks
+
+
+def build_network(section, role: str, task: Task, num_classes: int, device) -> Network:
+    """The ``teacher`` / ``student`` section's module, freshly initialised, as a Network with
+    its input statistics (the data's unless the section gives its own)."""
+    images = task.train.images
+    module = build_module(section.arch, num_classes, int(images.shape[1]),
+                          input_size=int(images.shape[-1]), kwargs=section.kwargs, role=role)
+    mean = section.mean if section.mean is not None else task.info["mean"]
+    std = section.std if section.std is not None else task.info["std"]
+    net = Network(module, embedding=section.embedding, head=section.head, mean=mean, std=std,
+                  maps=section.maps, role=role)
+    return net.to(device)
+
+
+def save_model(path: Path, network: Network, section, num_classes: int, task: Task, extra: dict) -> None:
+    """A checkpoint that describes itself: architecture, sizes, weights and what it scored."""
+    images = task.train.images
+    atomic_torch_save(
+        {"arch": section.arch, "kwargs": dict(section.kwargs), "num_classes": num_classes,
+         "in_chans": int(images.shape[1]), "input_size": int(images.shape[-1]),
+         "num_features": network.num_features, "embedding": section.embedding,
+         "head": section.head, "state_dict": network.module_state_dict(), **extra},
+        path,
+    )
+
+
+def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[Network, Path]:
+    """The teacher from a refilled ``model.pt`` (or the run directory holding one), checked
+    against the config's architecture, classes and input channels."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint '{path}' does not exist; train one with "
+                        "`refilled run` (it writes model.pt), give a plain state_dict as "
+                        "teacher.weights, or leave teacher.checkpoint unset")
+    ckpt = safe_load(path, what="teacher checkpoint")
+    keys = ("arch", "state_dict", "num_classes", "in_chans")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
+        raise UserError(f"'{path}' is not a refilled model checkpoint (no {'/'.join(keys)} inside); "
+                        "for a plain state_dict file use teacher.weights")
+    t = cfg.teacher
+    in_chans = int(task.train.images.shape[1])
+    for what, want, have in (("architecture", t.arch, ckpt["arch"]),
+                             ("number of classes", task.num_classes, ckpt["num_classes"]),
+                             ("number of input channels", in_chans, ckpt["in_chans"])):
+        if want != have:
+            raise UserError(f"teacher checkpoint '{path}' has {what} {have!r}, but the config "
+                            f"asks for {want!r}; fix teacher.* / data.* or use another checkpoint")
+    module = build_module(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"],
+                          input_size=ckpt.get("input_size"), kwargs=ckpt.get("kwargs", {}),
+                          role="teacher")
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise UserError(f"teacher checkpoint '{path}' does not fit {ckpt['arch']}: {first}") from None
+    mean = t.mean if t.mean is not None else task.info["mean"]
+    std = t.std if t.std is not None else task.info["std"]
+    net = Network(module, embedding=t.embedding if t.embedding is not None else ckpt.get("embedding"),
+                  head=t.head if t.head is not None else ckpt.get("head"), mean=mean, std=std,
+                  maps=t.maps, role="teacher")
+    return net.to(device), path
+
+
+@torch.no_grad()
+def calibrate_batchnorm(network: Network, images: torch.Tensor, device, max_images: int = 4096) -> None:
+    """Set BN running statistics of an untrained network to its data's statistics (no training)."""
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    network.train()
+    images = images[:max_images]
+    for start in range(0, len(images), 256):
+        network(as_input(images[start : start + 256], device))
+    network.eval()
+
+
+# ------------------------------------------------------------------ the teacher step
+
+
+def prepare_teacher(cfg: Config, tasks: Tasks, device, dist: Dist) -> tuple[Network, dict]:
+    """The frozen teacher: reused by path, loaded from a state dict, random (control), or
+    trained once (in its own run directory, shared by every student run) and loaded."""
+    t, task = cfg.teacher, tasks.teacher
+    if t.init == "random":
+        torch.manual_seed(t.seed)
+        net = build_network(t, "teacher", task, task.num_classes, device)
+        calibrate_batchnorm(net, task.train.images, device)
+        source = "random"
+    elif t.checkpoint is not None:
+        net, _ = load_model_file(t.checkpoint, cfg, task, device)
+        source = t.checkpoint
+    elif t.weights is not None:
+        net = build_network(t, "teacher", task, task.num_classes, device)
+        load_weights(net.module, t.weights, "teacher", t.arch)
+        source = t.weights
+    else:
+        tcfg = teacher_config(cfg)
+        run_dir = run_dir_of(tcfg)
+        train_and_evaluate(tcfg, method_spec("ce"), Tasks(student=task, teacher=task), None,
+                           run_dir, device, dist, role="teacher")
+        dist.barrier()  # the other ranks read what rank 0 wrote
+        net, _ = load_model_file(run_dir, cfg, task, device)
+        source = str(run_dir)
+    net.eval()
+    net.probe(as_input(task.train.images[:4], device))
+    info = {"teacher": source, "teacher_test_accuracy": None, "teacher_init": t.init}
+    if net.has_logits and net.num_classes == task.num_classes:
+        _, logits = predict(net, task.test.images, device, dist=dist)
+        info["teacher_test_accuracy"] = (logits.argmax(1).cpu() == task.test.labels).double().mean().item()
+    return net, info
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An entry of :data:`PROTOCOLS`: how the tasks are built and what the test reports."""
+
+    tasks: Callable[[Config], Tasks]
+    test: Callable  # (cfg, task, predictor, embed) -> dict of test figures
+
+
+def _test_plain(cfg, task: Task, predict_labels, embed) -> dict:
+    return {"test_accuracy": split_accuracy(predict_labels, task.test.images, task.test.labels)}
+
+
+def _test_incremental(cfg, task: Task, predict_labels, embed) -> dict:
+    n_old = cfg.data.teacher_classes
+    pred, labels = predict_labels(task.test.images).cpu(), task.test.labels
+    old = labels < n_old
+
+    def acc(mask):
+        return (pred[mask] == labels[mask]).double().mean().item() if int(mask.sum()) else None
+
+    return {"test_accuracy": acc(torch.ones_like(old)), "test_accuracy_old": acc(old),
+            "test_accuracy_new": acc(~old), "old_classes": n_old,
+            "new_classes": task.num_classes - n_old, "old_per_class": cfg.incremental.old_per_class,
+            "test_ci95": None}
+
+
+def _test_fewshot(cfg, task: Task, predict_labels, embed) -> dict:
+    fs = cfg.fewshot
+    out = {"shots": fs.shots, "novel_classes": task.num_classes, "fewshot_eval": fs.eval}
+    if fs.eval == "classifier":
+        return {"test_accuracy": split_accuracy(predict_labels, task.test.images, task.test.labels),
+                **out, "test_ci95": None}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    _, support, query = sample_episodes(task.test.labels, ways=fs.ways, shots=fs.shots,
+                                        queries=fs.queries, episodes=fs.episodes, generator=generator)
+    accs = episode_accuracies(embed(task.test.images), support, query)
+    return {"test_accuracy": sum(accs) / len(accs), **out,
+            "test_ci95": ci95(accs) if len(accs) > 1 else None, "episodes": fs.episodes,
+            "ways": fs.ways, "queries": fs.queries}
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "distill": Protocol(distill_tasks, _test_plain),
+    "incremental": Protocol(incremental_tasks, _test_incremental),
+    "fewshot": Protocol(fewshot_tasks, _test_fewshot),
+}
+
+
+def evaluate(cfg: Config, spec: MethodSpec, task: Task, student: Network, teacher: Network | None,
+             device, dist: Dist) -> dict:
+    """The one look at the test split, with the method's predictor (its classifier, or the NCM
+    classifier of the student's or the teacher's embedding), plus the stage-1 NCM figures."""
+    train = task.train
+    model = teacher if spec.predictor == "teacher_ncm" else student
+    if spec.predictor == "classifier":
+        predict_labels = classifier_predictor(student, device, dist=dist)
+    else:
+        try:
+            predict_labels = ncm_predictor(model, train.images, train.labels, task.num_classes,
+                                           device, dist=dist)
+        except ValueError as err:
+            raise UserError(f"an NCM classifier needs training images of every class: {err}") from None
+
+    def embed(images):
+        return predict(model, images, device, dist=dist)[0]
+
+    out = {"val_accuracy": split_accuracy(predict_labels, task.val.images, task.val.labels)}
+    out.update(PROTOCOLS[cfg.protocol].test(cfg, task, predict_labels, embed))
+    out.update(stage1_ncm=None, stage1_ncm_val=None, stage1_embedding_norm=None)
+    history = getattr(student, "refilled_history", None)
+    snapshot = history.snapshots.get("stage1") if history is not None else None
+    if snapshot is not None:
+        with weights_of(student, snapshot):
+            ncm = ncm_predictor(student, train.images, train.labels, task.num_classes, device, dist=dist)
+            out["stage1_ncm"] = split_accuracy(ncm, task.test.images, task.test.labels)
+            out["stage1_ncm_val"] = split_accuracy(ncm, task.val.images, task.val.labels)
+            out["stage1_embedding_norm"] = embedding_norm(student, train.images, device, dist=dist)
+    return out
+
+
+# ------------------------------------------------------------------ one run
+
+
+def check_batches(cfg: Config, spec: MethodSpec, task: Task, dist: Dist = Dist()) -> None:
+    """Refuse batch settings that can never work, before anything trains."""
+    counts = torch.bincount(task.train.labels, minlength=task.num_classes)
+    for key, optim, pairs in spec.schedules(cfg):
+        if optim.batch_size % dist.world:
+            raise UserError(f"{key}.batch_size={optim.batch_size} must be divisible by the "
+                            f"{dist.world} processes of this torchrun job")
+        if pairs and (optim.batch_size < 2 or optim.m_per_class == 1 or int(counts.max()) < 2):
+            raise UserError(
+                f"stage 1 can never see a positive pair (two images of one class in a batch) with "
+                f"{key}.batch_size={optim.batch_size}, {key}.m_per_class={optim.m_per_class} "
+                f"and at most {int(counts.max())} training images per class; use the class-balanced "
+                f"sampler, e.g. {key}.m_per_class=4 with a batch size that is a multiple of 4"
+            )
+        if optim.m_per_class and optim.batch_size // optim.m_per_class > task.num_classes:
+            raise UserError(
+                f"{key}: batches of {optim.batch_size // optim.m_per_class} classes x "
+                f"{optim.m_per_class} images need {optim.batch_size // optim.m_per_class} classes, "
+                f"but the student has {task.num_classes}; lower {key}.batch_size or raise "
+                f"{key}.m_per_class"
+            )
+
+
+def _augment(task: Task):
+    info = task.info
+    if not info.get("train_augment", True):
+        return None
+    return Augment(info["pad"], info["flip"], **info.get("augment", {}))
+
+
+NO_TEACHER = {"teacher": None, "teacher_test_accuracy": None, "teacher_init": None}
+
+
+def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Network | None,
+                       run_dir: Path, device, dist: Dist, role: str = "student",
+                       teacher_info: dict = NO_TEACHER) -> dict:
+    """Train the student of ``cfg`` in ``run_dir`` (or return a finished run's results), test it
+    once and write ``model.pt`` and ``results.json``. Also trains the teacher (``role="teacher"``)."""
+    prepare_run_dir(run_dir, cfg, dist.rank)
+    finished = finished_results(run_dir)
+    if finished is not None:
+        return finished
+    tic = time.perf_counter()
+    task = tasks.student
+    seed_everything(cfg.seed)
+    student = build_network(cfg.student, "student", task, task.num_classes, device)
+    student_ids, teacher_ids = shared_classes(task, tasks.teacher)
+    trains = bool(spec.schedules(cfg))
+    if trains or spec.predictor != "teacher_ncm":
+        distill(teacher, student, task.train, val=task.val, config=cfg, run_dir=run_dir,
+                device=device, num_classes=task.num_classes,
+                shared_classes=(student_ids, teacher_ids), augment=_augment(task))
+    figures = evaluate(cfg, spec, task, student, teacher, device, dist)
+    history = getattr(student, "refilled_history", [])
+    if dist.is_main and spec.predictor != "teacher_ncm":
+        save_model(run_dir / "model.pt", student, cfg.student, task.num_classes, task, {})
+    results = {
+        "method": cfg.method,
+        "arm": cfg.arm,
+        "role": role,
+        "dataset": cfg.data.name,
+        "protocol": protocol_name(cfg),
+        "seed": cfg.seed,
+        "test_accuracy": figures.pop("test_accuracy"),
+        "val_accuracy": figures.pop("val_accuracy"),
+        "stage1_ncm_accuracy": figures.pop("stage1_ncm"),
+        "stage1_ncm_val_accuracy": figures.pop("stage1_ncm_val"),
+        "stage1_embedding_norm": figures.pop("stage1_embedding_norm"),
+        **figures,
+        **teacher_info,
+        "student_arch": cfg.student.arch if spec.predictor != "teacher_ncm" else None,
+        "num_classes": task.num_classes,
+        "overlap": len(student_ids) if role == "student" else None,
+        "train_images": len(task.train.labels),
+        "empty_mining_batches": getattr(history, "empty_batches", 0),
+        "wall_seconds": round(time.perf_counter() - tic, 2),
+        "config_digest": config_digest(cfg),
+        "run_dir": str(run_dir),
+    }
+    if dist.is_main:
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    dist.barrier()
+    return results
+
+
+def run(cfg: Config) -> dict:
+    """Run one experiment (or resume it); return its results. A finished run is not redone."""
+    dist, device = init_distributed(cfg.device)
+    spec = method_spec(cfg.method)
+    run_dir = run_dir_of(cfg)
+    prepare_run_dir(run_dir, cfg, dist.rank)
+    finished = finished_results(run_dir)
+    if finished is not None:
+        return finished
+    if cfg.protocol != "distill" and dist.world > 1:
+        raise UserError(f"protocol '{cfg.protocol}' runs in one process; start it without torchrun")
+    seed_everything(cfg.seed)
+    tasks = PROTOCOLS[cfg.protocol].tasks(cfg)
+    check_batches(cfg, spec, tasks.student, dist)  # before any training, the teacher's included
+    teacher, info = None, NO_TEACHER
+    if spec.needs_teacher:
+        teacher, info = prepare_teacher(cfg, tasks, device, dist)
+    return train_and_evaluate(cfg, spec, tasks, teacher, run_dir, device, dist, teacher_info=info)
