@@ -203,11 +203,11 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse_yaml(text: str, source: str):
+def parse_yaml(text: str, source: str, *, advice: str = "fix that line"):
     """YAML ``text`` (safe tags only, no duplicate keys) -> Python data.
 
     A syntax error is one :class:`UserError` line naming ``source`` (e.g. ``config file
-    'x.yaml'``) with the line and column of the problem.
+    'x.yaml'``) with the line and column of the problem, ending with ``advice``.
     """
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -219,7 +219,7 @@ def parse_yaml(text: str, source: str):
             raise UserError(f"{source}{where}: {problem}; keep one of them") from None
         context = getattr(err, "context", None)
         detail = f"{context}, {problem}" if context else problem
-        raise UserError(f"{source}{where}: not valid YAML ({_oneline(detail)}); fix that line") from None
+        raise UserError(f"{source}{where}: not valid YAML ({_oneline(detail)}); {advice}") from None
 
 
 def safe_load_yaml(path, what: str = "file", *, hint: str | None = None) -> dict:
