@@ -11,9 +11,9 @@ import itertools
 from pathlib import Path
 
 from refilled.config import load_config, load_yaml, make_config
-from refilled.engine import atomic_write_text
+from refilled.files import atomic_write_text, write_csv
 from refilled.protocols import run
-from refilled.report import mean_std, write_csv
+from refilled.report import mean_std
 
 
 def split_values(text: str) -> list[str]:
