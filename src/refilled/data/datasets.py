@@ -16,12 +16,13 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from refilled.data.common import ImageSet, _check_split
 from refilled.errors import ConfigError, DatasetNotFoundError
 
 __all__ = [
@@ -35,21 +36,6 @@ __all__ = [
     "load_image_folder",
     "load_dataset",
 ]
-
-
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # uint8, N x C x H x W
-    labels: torch.Tensor  # int64, N
-    class_names: list[str]
-    name: str
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 # Normalisation stats (of images scaled to [0, 1]) and augmentation defaults per dataset.
@@ -91,12 +77,6 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-
-
-def _check_split(split, allowed=("train", "test")) -> str:
-    if split not in allowed:
-        raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(allowed)}")
-    return split
 
 
 def _need_root(root, dataset: str, how: str) -> Path:
@@ -292,8 +272,9 @@ def _load_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except OSError as e:
-        raise DatasetNotFoundError(f"could not read image {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - not an image, truncated, too large, unreadable: all one line
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise DatasetNotFoundError(f"could not read image {path} ({reason}); delete or replace that file") from None
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
 
 
@@ -365,27 +346,67 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False) -> ImageSet:
-    """``root/<class>/<image>`` (or ``root/{train,test}/<class>/<image>``, chosen by ``split``).
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
-    Class names are sorted folder names; with train/test folders, the classes of both are
-    merged so the labels agree between splits. Without them, ``split`` may be None or "train".
+
+def _carve_test(files: list[Path], class_dir: Path, fraction: float, seed: int, split: str) -> list[Path]:
+    """The ``split`` part of one class's (sorted) files in a flat image folder.
+
+    ``round(fraction * n)`` files, at least 1 and at most n - 1, are the test part, drawn by a
+    generator seeded from (``seed``, class folder name): the same files for either split, and a
+    class's split does not move when other classes change.
+    """
+    n = len(files)
+    if n < 2:
+        raise DatasetNotFoundError(
+            f"image folder: class folder {class_dir} holds {n} image{'s' if n != 1 else ''}; without "
+            "train/ and test/ folders each class needs at least 2 (one to test, one to train). "
+            "Add images or remove that folder"
+        )
+    n_test = min(max(round(fraction * n), 1), n - 1)
+    # (torch's CPU generator keeps 32 bits of a seed: hash seed and name together)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{int(seed)}/{class_dir.name}".encode()))
+    is_test = torch.zeros(n, dtype=torch.bool)
+    is_test[torch.randperm(n, generator=generator)[:n_test]] = True
+    return [f for f, t in zip(files, is_test.tolist()) if t == (split == "test")]
+
+
+def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False,
+                      test_fraction: float = 0.2, test_seed: int = 0) -> ImageSet:
+    """Images in one sub-folder per class, in either of two layouts.
+
+    - ``root/{train,test}/<class>/<image>``: ``split`` ("train", the default, or "test") picks
+      the folder; the classes of both are merged so that the labels agree between splits.
+    - ``root/<class>/<image>`` (flat): the test split is carved from every class, stratified and
+      seeded: of a class's ``n`` images (file names sorted), ``round(test_fraction * n)``, at
+      least 1 and at most ``n - 1``, are drawn as test images by a generator seeded from
+      ``test_seed`` and the class folder's name; the rest are the training images. Every call
+      with the same files, fraction and seed gives the same split, so ``split="train"`` and
+      ``split="test"`` never share an image. A class folder with fewer than 2 images is an
+      error naming it. ``split=None`` gives every image (no test split carved).
+
+    Class names are the sorted folder names (hidden folders are skipped). Images are converted
+    to RGB (or grey with ``grayscale``) and resized to ``image_size`` x ``image_size``; a file
+    that cannot be read as an image is an error naming it.
     """
     how = "Point data.root=... at a folder holding one sub-folder of images per class."
     root = _need_root(root, "image folder", how)
+    if not root.is_dir():
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetNotFoundError(f"image folder: {root} {state}. {how}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"image folder: the test fraction must be in (0, 1), got {test_fraction}")
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     if has_splits:
         split = _check_split(split or "train")
         class_names = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
         folder = root / split
     else:
-        if split not in (None, "train"):
-            raise DatasetNotFoundError(
-                f"image folder: split {split!r} requested but {root / 'train'} and {root / 'test'} "
-                f"do not both exist. {how}"
-            )
+        if split is not None:
+            _check_split(split)
         folder = root
-        class_names = _class_dirs(root) if root.is_dir() else []
+        class_names = _class_dirs(root)
     if not class_names:
         raise DatasetNotFoundError(f"image folder: no class folders found in {folder}. {how}")
 
@@ -393,11 +414,13 @@ def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = 
     for label, name in enumerate(class_names):
         cdir = folder / name
         if not cdir.is_dir():
-            continue
-        for p in sorted(cdir.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                arrays.append(_load_image(p, image_size, grayscale))
-                labels.append(label)
+            continue  # a class of the other split only
+        files = _image_files(cdir)
+        if not has_splits and split is not None:
+            files = _carve_test(files, cdir, test_fraction, test_seed, split)
+        for p in files:
+            arrays.append(_load_image(p, image_size, grayscale))
+            labels.append(label)
     if not arrays:
         raise DatasetNotFoundError(f"image folder: no images found under {folder}. {how}")
     return ImageSet(
