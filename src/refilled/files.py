@@ -11,6 +11,7 @@ directory at once.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -118,18 +119,23 @@ def _with_hint(message: str, hint: str | None, default: str) -> str:
     return f"{message}; {hint or default}"
 
 
+def _os_error(err: OSError, path: Path, what: str, hint: str | None) -> UserError:
+    """One line for a file that cannot be opened or read."""
+    if isinstance(err, FileNotFoundError):
+        return UserError(_with_hint(f"{what} '{path}' does not exist", hint, "check the path"))
+    if isinstance(err, IsADirectoryError):
+        return UserError(_with_hint(f"{what} '{path}' is a directory, not a file", hint,
+                                    "give the path of the file"))
+    return UserError(_with_hint(f"cannot read {what} '{path}' ({err.strerror or err})", hint,
+                                "check the path and its permissions"))
+
+
 def _read_bytes(path: Path, what: str, hint: str | None) -> bytes:
     """The bytes of ``path``, or a one-line UserError for a missing / unreadable file."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(_with_hint(f"{what} '{path}' does not exist", hint, "check the path")) from None
-    except IsADirectoryError:
-        raise UserError(_with_hint(f"{what} '{path}' is a directory, not a file", hint,
-                                   "give the path of the file")) from None
     except OSError as err:
-        raise UserError(_with_hint(f"cannot read {what} '{path}' ({err.strerror or err})", hint,
-                                   "check the path and its permissions")) from None
+        raise _os_error(err, path, what, hint) from None
 
 
 def safe_load(path, what: str = "checkpoint", *, hint: str | None = None):
@@ -144,15 +150,21 @@ def safe_load(path, what: str = "checkpoint", *, hint: str | None = None):
     import torch
 
     path = Path(path)
-    # Read the whole file first: its errors are then ours to word, and torch gets a buffer.
-    data = _read_bytes(path, what, hint)
-    if not data:
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        empty = path.stat().st_size == 0
+    except OSError as err:
+        raise _os_error(err, path, what, hint) from None
+    if empty:
         raise UserError(_with_hint(f"{what} '{path}' is empty (an interrupted copy or write?)", hint,
                                    "delete it or replace it with a good copy"))
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not for the user
             warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise _os_error(err, path, what, hint) from None
     except Exception as err:  # noqa: BLE001 - whatever the file holds, one line about it
         text = str(err)
         unsafe = re.search(r"GLOBAL ([\w.]+)", text) if isinstance(err, pickle.UnpicklingError) else None
