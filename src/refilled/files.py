@@ -348,6 +348,9 @@ class RunBusy(UserError):
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, already dead, does not)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -356,7 +359,11 @@ def _pid_alive(pid: int) -> bool:
         return True
     except (OverflowError, ValueError):
         return False
-    return True
+    try:  # Linux: a killed process its parent has not reaped yet
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True
 
 
 class RunLock:
@@ -367,9 +374,10 @@ class RunLock:
     seconds while it is held (the token and the file's identity tell the holder it still owns
     it); leaving the ``with`` block (normally, by an exception or KeyboardInterrupt) removes it.
 
-    A lock is *stale* when it names this host and a process id that no longer exists, or when
-    its last heartbeat (the later of the JSON field and the file's mtime) is older than
-    ``stale_after`` seconds (another host, which cannot check the process). A lock file that
+    A lock is *stale* when it names this host and a process id that no longer exists (or this
+    very process, which does not hold it: a restarted container), or, for a lock of another host
+    (whose process cannot be checked), when its last heartbeat (the later of the JSON field and
+    the file's mtime) is older than ``stale_after`` seconds. A lock file that
     cannot be parsed (being written right now, or left empty by a crash) is stale once its mtime
     is older than ``min(stale_after, 30)`` seconds. A stale lock is taken over: the taker first
     wins a token file named after the stale lock's token (``O_EXCL``: one winner per stale
