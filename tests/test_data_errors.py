@@ -1,6 +1,7 @@
 """Image folders without train/ and test/, unreadable images, split messages (issue 13)."""
 
 import ast
+import pickle
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,47 @@ def test_split_messages_wording():
     with pytest.raises(ConfigError, match=r"taking 1 images per class for validation leaves no training "
                                           r"example for 1 class\(es\) \(class 1 has 1\)"):
         stratified_split(torch.tensor([0, 0, 1]), val_per_class=1)
+
+
+# ----------------------------------------------------------------------------- CIFAR-100 pickles
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _write_cifar(folder: Path, protocol: int, extra=None):
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    record = {b"data": data, b"fine_labels": [0, 1], **(extra or {})}
+    for split in ("train", "test"):
+        (folder / split).write_bytes(pickle.dumps(record, protocol=protocol))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"a", b"b"]}, protocol=protocol))
+    return data
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_of_every_protocol_load(tmp_path, protocol):
+    from refilled.data import load_cifar100
+
+    data = _write_cifar(tmp_path / "cifar-100-python", protocol)
+    d = load_cifar100(tmp_path, "train")
+    assert d.class_names == ["a", "b"] and int(d.images[1, 0, 0, 5]) == int(data[1, 5])
+
+
+def test_cifar_pickle_never_runs_code(tmp_path):
+    from refilled.data import load_cifar100
+
+    marker = tmp_path / "ran"
+    _write_cifar(tmp_path / "cifar-100-python", 4, {b"evil": _Payload(marker)})
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_cifar100(tmp_path, "train")
+    assert not marker.exists()
+    assert "holds Python objects other than arrays and lists (builtins.exec)" in str(info.value)
+    assert "\n" not in str(info.value)

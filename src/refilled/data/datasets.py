@@ -24,6 +24,7 @@ import torch
 
 from refilled.data.common import ImageSet, _check_split
 from refilled.errors import ConfigError, DatasetNotFoundError
+from refilled.files import atomic_torch_save
 
 __all__ = [
     "ImageSet",
@@ -166,12 +167,45 @@ def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.25
 # ----------------------------------------------------------------------------- CIFAR-100
 
 
+# The only globals the official CIFAR-100 pickles (and re-pickled copies of them) need: numpy
+# arrays and Python 3's spelling of bytes. Nothing else is ever looked up, so nothing runs.
+_CIFAR_GLOBALS = {
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        import warnings
+
+        with warnings.catch_warnings():  # numpy 2 warns about the numpy.core spelling
+            warnings.simplefilter("ignore")
+            return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR-100 python pickle (dicts, lists, bytes, numpy arrays) without running any code."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except Exception as e:  # any unpickling failure means a corrupt file
-        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {type(e).__name__}: {e}") from e
+            data = _ArrayUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refused global"):
+            raise DatasetNotFoundError(
+                f"CIFAR-100 file {path} holds Python objects other than arrays and lists "
+                f"({str(e).removeprefix('refused global ')}); refilled never runs code from a file: "
+                "use the official cifar-100-python files"
+            ) from None
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {' '.join(str(e).split())[:160]}") from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means a corrupt file
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {reason}") from None
+    if not isinstance(data, dict):
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: holds a {type(data).__name__}, not a dict")
+    return data
 
 
 def _download_cifar100(parent: Path) -> None:
@@ -327,13 +361,9 @@ def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None
     )
     out = ImageSet(torch.from_numpy(images), labels, class_names, "cub200")
 
-    # Write atomically (temp file + os.replace) so a crash never leaves a half-written cache.
+    # Written atomically, so a crash never leaves a half-written cache (nor a temporary file).
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": out.images, "labels": out.labels, "class_names": class_names}, f)
-        os.replace(tmp, cache)
+        atomic_torch_save({"images": out.images, "labels": out.labels, "class_names": class_names}, cache)
     except OSError:  # read-only dataset folder: work without a cache
         pass
     return out
