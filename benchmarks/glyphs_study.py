@@ -247,7 +247,8 @@ def best_control(records) -> str:
 def analyse(regimes, sizes):
     """The results table (markdown), the records per cell, and per cell the trained teacher's
     gain: REFILLED minus the random teacher, and minus the best control (chosen on validation)."""
-    from refilled.report import ci95, collect, mean_std
+    from refilled.report import collect
+    from refilled.stats import ci95, mean_std
 
     cells = {}
     for regime in regimes:
@@ -290,7 +291,7 @@ def analyse(regimes, sizes):
 def summary_table(cells, answer) -> str:
     """One row per cell: the student alone, the best control, REFILLED, the teacher's own
     embedding, and REFILLED's paired gains (mean ± std [95% CI half-width], points)."""
-    from refilled.report import mean_std
+    from refilled.stats import mean_std
 
     def acc(records, arm):
         v = [100 * r["test_accuracy"] for r in records if r["arm"] == arm]
@@ -318,7 +319,7 @@ def plot(cells, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from refilled.report import ci95, mean_std
+    from refilled.stats import ci95, mean_std
 
     shown = ["label smoothing", "RKD", "KD", "REFILLED", "REFILLED, CVPR preset",
              "REFILLED, random teacher", "teacher NCM"]

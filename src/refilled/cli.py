@@ -1,19 +1,66 @@
-"""Command line: argv -> config -> run. Errors a user can fix print one line and exit 2."""
+"""Command line: argv -> config -> run. Errors a user can fix print one line and exit 2.
+
+Ctrl-C (SIGINT) and SIGTERM stop a command between two steps; the checkpoints already written
+stay, and running the same command again resumes (exit status 130 and 143).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
+import threading
 
+from refilled import __version__
 from refilled.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"refilled: error: {message} (see '{self.prog} --help')\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+    raise Terminated()
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space or choose another location",
+    errno.EDQUOT: "free some space or choose another location",
+    errno.EACCES: "check its permissions or choose another location",
+    errno.EPERM: "check its permissions or choose another location",
+    errno.EROFS: "it is on a read-only file system: choose another location",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder: give the path of a file",
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for a file-system error: the path (when known), what went wrong, what to do."""
+    what = err.strerror or str(err) or type(err).__name__
+    advice = _OS_ADVICE.get(err.errno, "check the path and the file system")
+    if err.filename is None:
+        return f"{what}; {advice}"
+    return f"cannot access '{os.fsdecode(err.filename)}': {what}; {advice}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refilled",
         description="Generalized knowledge distillation via relationship matching (REFILLED).",
     )
+    parser.add_argument("--version", action="version", version=f"refilled {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one experiment from a YAML config (resumes if interrupted)")
     p.add_argument("config", help="YAML file holding what differs from the defaults")
@@ -37,37 +84,57 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        if args.command == "run":
-            from refilled.config import load_config
-            from refilled.pipeline import run
-
-            results = run(load_config(args.config, args.overrides))
-            print(json.dumps(results, indent=2))
-        elif args.command == "demo":
-            from refilled.demo import run_demo
-
-            if args.seeds < 1:
-                raise UserError("--seeds must be at least 1")
-            run_demo(args.out, seeds=tuple(range(args.seeds)), overrides=args.overrides)
-        elif args.command == "sweep":
-            from refilled.sweep import run_sweep
-
-            run_sweep(args.config, args.overrides)
-        elif args.command == "report":
-            from refilled.report import write_report
-
-            print(write_report(args.runs_dir, out=args.out, baseline=args.baseline))
-        elif args.command == "config":
-            from refilled.config import dump_yaml, load_config
-
-            print(dump_yaml(load_config(args.config, args.overrides)), end="")
+        return _dispatch(args)
     except UserError as err:
         print(f"refilled: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("refilled: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+    except BrokenPipeError:  # e.g. `refilled config | head`: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:  # a file that cannot be read or written: one line, no traceback
+        print(f"refilled: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _dispatch(args) -> int:
+    from refilled.config import reject_repeated_keys
+
+    if args.command == "config" and args.config and "=" in args.config and not os.path.exists(args.config):
+        args.config, args.overrides = None, [args.config, *args.overrides]  # `refilled config key=value`
+    reject_repeated_keys(getattr(args, "overrides", None) or ())
+    if args.command == "run":
+        from refilled.config import load_config
+        from refilled.pipeline import run
+
+        results = run(load_config(args.config, args.overrides))
+        print(json.dumps(results, indent=2))
+    elif args.command == "demo":
+        from refilled.demo import run_demo
+
+        if args.seeds < 1:
+            raise UserError("--seeds must be at least 1")
+        run_demo(args.out, seeds=tuple(range(args.seeds)), overrides=args.overrides)
+    elif args.command == "sweep":
+        from refilled.sweep import run_sweep
+
+        run_sweep(args.config, args.overrides)
+    elif args.command == "report":
+        from refilled.report import write_report
+
+        print(write_report(args.runs_dir, out=args.out, baseline=args.baseline))
+    elif args.command == "config":
+        from refilled.config import dump_yaml, load_config
+
+        print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 

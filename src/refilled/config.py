@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from refilled.errors import ConfigError
+from refilled.errors import ConfigError, UserError
+from refilled.files import parse_yaml, safe_load_yaml
 
 SCHEDULES = ("cosine", "multistep", "constant")
 PROTOCOLS = ("distill", "incremental", "fewshot")
@@ -40,6 +43,9 @@ class DataConfig:
     val_per_class: int = 100  # validation images per class, carved from the training split
     split_seed: int = 0  # seeds the caps and the validation split (not the run seed)
     augment: bool = True  # training-time augmentation with the dataset's defaults (DATASET_INFO)
+    # image_folder without train/ and test/ folders: the test split carved from each class
+    test_fraction: float = 0.2  # round(test_fraction * class size) test images per class
+    test_split_seed: int = 0  # seeds that carving (fixed: the test split never moves)
 
 
 @dataclass(frozen=True)
@@ -262,8 +268,16 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
         return dict(value)
+    if tp is float and isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads '1e-3' as a string
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+        return number
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (bool, str) and isinstance(value, tp):
@@ -323,9 +337,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': cannot read the value ({err})") from None
+        value = parse_yaml(raw, f"override '{text}'", advice="quote the value or fix it") if raw != "" else None
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads '1e-3' as a string
     return key.strip(), value
@@ -340,16 +354,26 @@ def _looks_numeric(text: str) -> bool:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+    """A config file as a nested dict; one :class:`ConfigError` line for a missing file, a
+    directory, a file that is not UTF-8, a YAML syntax error (with line and column), a key given
+    twice, or a file that does not hold a mapping."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
-    return data
+        return safe_load_yaml(path, "config file")
+    except ConfigError:
+        raise
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+
+
+def reject_repeated_keys(overrides, where: str = "on the command line") -> None:
+    """A key given twice in ``key=value`` overrides is an error (which one would win?)."""
+    first: dict[str, str] = {}
+    for text in overrides:
+        key = str(text).partition("=")[0].strip()
+        if key in first:
+            raise ConfigError(f"config key '{key}' is given twice {where} ('{first[key]}' and "
+                              f"'{text}'); keep one")
+        first[key] = str(text)
 
 
 def make_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -399,6 +423,8 @@ def _ablation(from_file: dict[str, Any], from_args: dict[str, Any]) -> dict[str,
 
 
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """Defaults + the YAML file at ``path`` + ``key=value`` overrides (each key at most once)."""
+    reject_repeated_keys(overrides)
     return make_config(load_yaml(path) if path else {}, overrides)
 
 
@@ -438,8 +464,11 @@ def validate(cfg: Config) -> None:
     _choice("teacher.init", cfg.teacher.init, ("trained", "random"))
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
     _choice("stage2.centers", cfg.stage2.centers, ("global", "local"))
-    if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+|mps", cfg.device):
+        # only the spelling: whether the device exists is checked when the run starts
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) "
+                          f"or mps, got {cfg.device!r}")
+    _validate_ranges(cfg)
     for key in ("stage1.tau", "stage2.tau_teacher", "stage2.tau_student"):
         value = _get(cfg, key)
         if not value > 0:
@@ -474,6 +503,45 @@ def validate(cfg: Config) -> None:
     _validate_optim("teacher.optim", cfg.teacher.optim)
     _validate_applications(cfg)
 
+
+
+SEED_KEYS = ("seed", "teacher.seed", "data.split_seed", "data.class_order_seed", "data.test_split_seed")
+MAX_SEED = 2**32 - 1  # numpy's limit
+MAX_INT = 2**31 - 1  # counts, sizes and epochs beyond this are typos (and overflow int32 code)
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 4096
+
+
+def _int_keys(cls, prefix: str = ""):
+    """Dotted names of the int-typed (also optional int and tuple-of-int) keys of ``cls``."""
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _int_keys(tp, f"{prefix}{f.name}.")
+        elif int in (tp, *typing.get_args(tp)):
+            yield f"{prefix}{f.name}"
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Seeds, sizes and fractions that no data is needed to refuse."""
+    for key in SEED_KEYS:
+        value = _get(cfg, key)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"config key '{key}' is a seed and must be an integer in [0, {MAX_SEED}], "
+                              f"got {value}")
+    for key in _int_keys(Config):
+        if key in SEED_KEYS:
+            continue
+        value = _get(cfg, key)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and abs(v) > MAX_INT:
+                raise ConfigError(f"config key '{key}' must be at most {MAX_INT}, got {v}")
+    size = cfg.data.image_size
+    if size is not None and not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"config key 'data.image_size' is a side in pixels and must be in "
+                          f"[{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size}")
+    if not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
 
 
 def _validate_applications(cfg: Config) -> None:

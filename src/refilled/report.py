@@ -4,21 +4,74 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
+import numbers
+import os
 import statistics
 from pathlib import Path
 
-from refilled.files import atomic_write_bytes, atomic_write_text, write_csv
-from refilled.stats import ci95, mean_std
 from refilled.errors import UserError
+from refilled.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
+from refilled.stats import ci95, mean_std
+
+# What every refilled results.json holds, and the types of the keys a report reads.
+_REQUIRED = ("method", "test_accuracy", "seed")
+_NUMBER, _TEXT = "a number", "a string"
+_TYPES = {
+    "method": (_TEXT, False), "test_accuracy": (_NUMBER, False), "seed": ("an integer", False),
+    "role": (_TEXT, True), "arm": (_TEXT, True), "protocol": (_TEXT, True),
+    "teacher_init": (_TEXT, True), "overlap": ("an integer", True),
+    "stage1_ncm_accuracy": (_NUMBER, True), "val_accuracy": (_NUMBER, True),
+}
+
+
+def _is(value, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _NUMBER:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, int)
+
+
+def check_record(record: dict, path: Path, hint: str) -> dict:
+    """``record`` if it is a refilled result (see ``_TYPES``), else one UserError line."""
+    missing = [k for k in _REQUIRED if k not in record]
+    if missing:
+        raise UserError(f"results file '{path}' is not a refilled result (no "
+                        f"{', '.join(repr(k) for k in missing)}); {hint}")
+    for key, (kind, optional) in _TYPES.items():
+        value = record.get(key)
+        if (value is None and optional) or _is(value, kind):
+            continue
+        raise UserError(f"results file '{path}' is not a refilled result ('{key}' is {value!r}, "
+                        f"not {kind}); {hint}")
+    return record
+
+
+def _runs_folder(runs_dir: str | Path) -> Path:
+    folder = Path(runs_dir)
+    if not folder.exists():
+        raise UserError(f"runs folder '{folder}' does not exist; give the folder that holds the run "
+                        "directories (out_dir)")
+    if not folder.is_dir():
+        raise UserError(f"'{folder}' is a file, not a folder of runs; give the folder that holds "
+                        "the run directories (out_dir)")
+    return folder
 
 
 def _collect_runs(runs_dir: str | Path, role: str | None = "student") -> list[tuple[dict, Path]]:
-    """(record, run directory) of every ``results.json`` below ``runs_dir``."""
+    """(record, run directory) of every ``results.json`` below ``runs_dir``.
+
+    A ``results.json`` that cannot be read or is not a refilled result is one UserError line
+    naming it (move it out of the folder, or delete it).
+    """
+    folder = _runs_folder(runs_dir)
+    hint = f"move it out of '{folder}' or delete it"
     runs = []
-    for path in sorted(Path(runs_dir).rglob("results.json")):
-        record = json.loads(path.read_text())
+    for path in sorted(folder.rglob("results.json")):
+        record = check_record(read_json(path, "results file", hint=hint), path, hint)
         if role is None or record.get("role") == role:
             runs.append((record, path.parent))
     return runs
@@ -204,13 +257,21 @@ def read_curve(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
         return float(text) if text not in (None, "") else None
 
     curve, step = [], 0
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            step += int(float(row.get("steps") or 0))
-            val = number(row.get("val_accuracy"))
-            if val is None:
-                val = number(row.get("val_ncm_accuracy"))
-            curve.append((step, val, number(row.get("loss"))))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                step += int(float(row.get("steps") or 0))
+                val = number(row.get("val_accuracy"))
+                if val is None:
+                    val = number(row.get("val_ncm_accuracy"))
+                curve.append((step, val, number(row.get("loss"))))
+    except (ValueError, TypeError, OverflowError, csv.Error) as err:  # UnicodeDecodeError too
+        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"{type(err).__name__}: {err}"
+        raise UserError(f"metrics file '{path}' cannot be read ({' '.join(reason.split())[:120]}); "
+                        "delete it (the report then shows no curve for that run)") from None
+    except OSError as err:
+        raise UserError(f"cannot read metrics file '{path}' ({err.strerror or err}); "
+                        "check its permissions") from None
     return curve
 
 
@@ -258,6 +319,23 @@ def plot_training_curves(runs: list[tuple[dict, Path]], path: Path, groups: list
     atomic_write_bytes(path, _fig_bytes(fig))
 
 
+def _out_folder(out: str | Path) -> Path:
+    """The report's folder, created if needed; one UserError line if that cannot be."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out '{folder}' is a file; give a folder for report.md, report.csv and the "
+                        "plots (it is created if needed)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the report folder '{folder}' ({err.strerror or err}); "
+                        "choose another --out") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into the report folder '{folder}' (permission denied); "
+                        "choose another --out")
+    return folder
+
+
 def write_report(runs_dir: str | Path, out: str | Path | None = None, baseline: str = "ce") -> str:
     """Tables and plots of every student run below ``runs_dir``; returns the markdown.
 
@@ -266,6 +344,9 @@ def write_report(runs_dir: str | Path, out: str | Path | None = None, baseline: 
     difference to the ``baseline`` arm of the same group. Writes ``report.md``, ``report.csv``,
     ``accuracy_vs_overlap.png`` and ``training_curves.png`` into ``out`` (default ``runs_dir``).
     """
+    out_dir = Path(out) if out is not None else _runs_folder(runs_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        _out_folder(out_dir)  # one line, before anything is read
     runs = [({**record, "arm": report_arm(record)}, run_dir)
             for record, run_dir in _collect_runs(runs_dir, "student")]
     if not runs:
@@ -305,7 +386,7 @@ def write_report(runs_dir: str | Path, out: str | Path | None = None, baseline: 
         "Figures: `accuracy_vs_overlap.png` (test accuracy against the class overlap, std error "
         "bars), `training_curves.png` (validation accuracy and training loss, mean over seeds).",
     ])
-    out_dir = Path(out) if out is not None else Path(runs_dir)
+    _out_folder(out_dir)
     atomic_write_text(out_dir / "report.md", text + "\n")
     write_csv(out_dir / "report.csv", rows)
     plot_accuracy_vs_overlap(rows, out_dir / "accuracy_vs_overlap.png", arms)

@@ -90,8 +90,7 @@ def _load(name: str, root: str | None, split: str, image_size: int | None,
 
 def load_split(cfg: Config, split: str):
     d = cfg.data
-    return _load(d.name, d.root, split, d.image_size, getattr(d, "test_fraction", 0.2),
-                 getattr(d, "test_split_seed", 0))
+    return _load(d.name, d.root, split, d.image_size, d.test_fraction, d.test_split_seed)
 
 
 def total_classes(cfg: Config) -> int:

@@ -1,9 +1,9 @@
 """Data layer: dataset readers, class/split selection and an in-memory batch loader."""
 
+from refilled.data.common import ImageSet
 from refilled.data.datasets import (
     DATASET_INFO,
     DATASET_NAMES,
-    ImageSet,
     load_cifar100,
     load_cub200,
     load_dataset,

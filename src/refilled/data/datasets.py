@@ -16,13 +16,15 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from refilled.data.common import ImageSet, _check_split
 from refilled.errors import ConfigError, DatasetNotFoundError
+from refilled.files import atomic_torch_save
 
 __all__ = [
     "ImageSet",
@@ -35,21 +37,6 @@ __all__ = [
     "load_image_folder",
     "load_dataset",
 ]
-
-
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # uint8, N x C x H x W
-    labels: torch.Tensor  # int64, N
-    class_names: list[str]
-    name: str
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 # Normalisation stats (of images scaled to [0, 1]) and augmentation defaults per dataset.
@@ -91,12 +78,6 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-
-
-def _check_split(split, allowed=("train", "test")) -> str:
-    if split not in allowed:
-        raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(allowed)}")
-    return split
 
 
 def _need_root(root, dataset: str, how: str) -> Path:
@@ -186,12 +167,45 @@ def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.25
 # ----------------------------------------------------------------------------- CIFAR-100
 
 
+# The only globals the official CIFAR-100 pickles (and re-pickled copies of them) need: numpy
+# arrays and Python 3's spelling of bytes. Nothing else is ever looked up, so nothing runs.
+_CIFAR_GLOBALS = {
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        import warnings
+
+        with warnings.catch_warnings():  # numpy 2 warns about the numpy.core spelling
+            warnings.simplefilter("ignore")
+            return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR-100 python pickle (dicts, lists, bytes, numpy arrays) without running any code."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except Exception as e:  # any unpickling failure means a corrupt file
-        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {type(e).__name__}: {e}") from e
+            data = _ArrayUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refused global"):
+            raise DatasetNotFoundError(
+                f"CIFAR-100 file {path} holds Python objects other than arrays and lists "
+                f"({str(e).removeprefix('refused global ')}); refilled never runs code from a file: "
+                "use the official cifar-100-python files"
+            ) from None
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {' '.join(str(e).split())[:160]}") from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means a corrupt file
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: {reason}") from None
+    if not isinstance(data, dict):
+        raise DatasetNotFoundError(f"malformed CIFAR-100 file {path}: holds a {type(data).__name__}, not a dict")
+    return data
 
 
 def _download_cifar100(parent: Path) -> None:
@@ -292,8 +306,9 @@ def _load_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except OSError as e:
-        raise DatasetNotFoundError(f"could not read image {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - not an image, truncated, too large, unreadable: all one line
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise DatasetNotFoundError(f"could not read image {path} ({reason}); delete or replace that file") from None
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
 
 
@@ -346,13 +361,9 @@ def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None
     )
     out = ImageSet(torch.from_numpy(images), labels, class_names, "cub200")
 
-    # Write atomically (temp file + os.replace) so a crash never leaves a half-written cache.
+    # Written atomically, so a crash never leaves a half-written cache (nor a temporary file).
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": out.images, "labels": out.labels, "class_names": class_names}, f)
-        os.replace(tmp, cache)
+        atomic_torch_save({"images": out.images, "labels": out.labels, "class_names": class_names}, cache)
     except OSError:  # read-only dataset folder: work without a cache
         pass
     return out
@@ -365,27 +376,67 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False) -> ImageSet:
-    """``root/<class>/<image>`` (or ``root/{train,test}/<class>/<image>``, chosen by ``split``).
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
-    Class names are sorted folder names; with train/test folders, the classes of both are
-    merged so the labels agree between splits. Without them, ``split`` may be None or "train".
+
+def _carve_test(files: list[Path], class_dir: Path, fraction: float, seed: int, split: str) -> list[Path]:
+    """The ``split`` part of one class's (sorted) files in a flat image folder.
+
+    ``round(fraction * n)`` files, at least 1 and at most n - 1, are the test part, drawn by a
+    generator seeded from (``seed``, class folder name): the same files for either split, and a
+    class's split does not move when other classes change.
+    """
+    n = len(files)
+    if n < 2:
+        raise DatasetNotFoundError(
+            f"image folder: class folder {class_dir} holds {n} image{'s' if n != 1 else ''}; without "
+            "train/ and test/ folders each class needs at least 2 (one to test, one to train). "
+            "Add images or remove that folder"
+        )
+    n_test = min(max(round(fraction * n), 1), n - 1)
+    # (torch's CPU generator keeps 32 bits of a seed: hash seed and name together)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{int(seed)}/{class_dir.name}".encode()))
+    is_test = torch.zeros(n, dtype=torch.bool)
+    is_test[torch.randperm(n, generator=generator)[:n_test]] = True
+    return [f for f, t in zip(files, is_test.tolist()) if t == (split == "test")]
+
+
+def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False,
+                      test_fraction: float = 0.2, test_seed: int = 0) -> ImageSet:
+    """Images in one sub-folder per class, in either of two layouts.
+
+    - ``root/{train,test}/<class>/<image>``: ``split`` ("train", the default, or "test") picks
+      the folder; the classes of both are merged so that the labels agree between splits.
+    - ``root/<class>/<image>`` (flat): the test split is carved from every class, stratified and
+      seeded: of a class's ``n`` images (file names sorted), ``round(test_fraction * n)``, at
+      least 1 and at most ``n - 1``, are drawn as test images by a generator seeded from
+      ``test_seed`` and the class folder's name; the rest are the training images. Every call
+      with the same files, fraction and seed gives the same split, so ``split="train"`` and
+      ``split="test"`` never share an image. A class folder with fewer than 2 images is an
+      error naming it. ``split=None`` gives every image (no test split carved).
+
+    Class names are the sorted folder names (hidden folders are skipped). Images are converted
+    to RGB (or grey with ``grayscale``) and resized to ``image_size`` x ``image_size``; a file
+    that cannot be read as an image is an error naming it.
     """
     how = "Point data.root=... at a folder holding one sub-folder of images per class."
     root = _need_root(root, "image folder", how)
+    if not root.is_dir():
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetNotFoundError(f"image folder: {root} {state}. {how}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"image folder: the test fraction must be in (0, 1), got {test_fraction}")
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     if has_splits:
         split = _check_split(split or "train")
         class_names = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
         folder = root / split
     else:
-        if split not in (None, "train"):
-            raise DatasetNotFoundError(
-                f"image folder: split {split!r} requested but {root / 'train'} and {root / 'test'} "
-                f"do not both exist. {how}"
-            )
+        if split is not None:
+            _check_split(split)
         folder = root
-        class_names = _class_dirs(root) if root.is_dir() else []
+        class_names = _class_dirs(root)
     if not class_names:
         raise DatasetNotFoundError(f"image folder: no class folders found in {folder}. {how}")
 
@@ -393,11 +444,13 @@ def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = 
     for label, name in enumerate(class_names):
         cdir = folder / name
         if not cdir.is_dir():
-            continue
-        for p in sorted(cdir.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                arrays.append(_load_image(p, image_size, grayscale))
-                labels.append(label)
+            continue  # a class of the other split only
+        files = _image_files(cdir)
+        if not has_splits and split is not None:
+            files = _carve_test(files, cdir, test_fraction, test_seed, split)
+        for p in files:
+            arrays.append(_load_image(p, image_size, grayscale))
+            labels.append(label)
     if not arrays:
         raise DatasetNotFoundError(f"image folder: no images found under {folder}. {how}")
     return ImageSet(

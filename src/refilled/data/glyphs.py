@@ -67,7 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refilled.data.datasets import ImageSet, _check_split
+from refilled.data.common import ImageSet, _check_split
 from refilled.errors import DatasetNotFoundError
 
 __all__ = ["GlyphSet", "load_glyphs", "render_glyph", "font_files", "SCRIPTS", "FONT_PACKAGES"]

@@ -53,13 +53,13 @@ def select_classes(images: torch.Tensor, labels: torch.Tensor, classes: list[int
     """Keep the samples of ``classes``; relabel class ``classes[i]`` as ``i``."""
     classes = [int(c) for c in classes]
     if len(set(classes)) != len(classes):
-        raise ConfigError(f"select_classes: duplicate class ids in {classes}")
+        raise ConfigError(f"class ids {classes} hold duplicates; give each class once")
     if min(classes, default=0) < 0:
-        raise ConfigError(f"select_classes: negative class id in {classes}")
+        raise ConfigError(f"class ids {classes} include a negative id; class ids start at 0")
     present = torch.bincount(labels.long().cpu(), minlength=max(classes, default=0) + 1)
     missing = [c for c in classes if present[c] == 0]
     if missing:
-        raise ConfigError(f"select_classes: classes {missing} have no samples")
+        raise ConfigError(f"classes {missing} have no images in this split")
     # Lookup table: old label -> new label, or -1 for dropped classes.
     lut = torch.full((len(present),), -1, dtype=torch.long)
     lut[torch.tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
@@ -71,11 +71,12 @@ def select_classes(images: torch.Tensor, labels: torch.Tensor, classes: list[int
 def cap_per_class(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Sorted indices of at most ``k`` random samples per class (classes 0..max label)."""
     if k < 1:
-        raise ConfigError(f"cap_per_class: k must be >= 1, got {k}")
+        raise ConfigError(f"a cap of {k} images per class keeps nothing; it must be at least 1")
     rank, counts = _random_rank_within_class(labels, _generator(seed))
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
-        raise ConfigError(f"cap_per_class: classes {empty} have no examples")
+        raise ConfigError(f"classes {empty} have no examples to keep (every label up to the largest "
+                          "needs images)")
     return torch.nonzero(rank < k).flatten()
 
 
@@ -91,26 +92,26 @@ def stratified_split(
     ``val_fraction`` (round(fraction * class size) per class, at least 1).
     """
     if (val_per_class is None) == (val_fraction is None):
-        raise ConfigError("stratified_split: give exactly one of val_per_class and val_fraction")
+        raise ConfigError("give exactly one of val_per_class and val_fraction")
     rank, counts = _random_rank_within_class(labels, _generator(seed))
     if val_per_class is not None:
         if val_per_class < 1:
-            raise ConfigError(f"stratified_split: val_per_class must be >= 1, got {val_per_class}")
+            raise ConfigError(f"{val_per_class} validation images per class is too few; give at least 1")
         n_val = torch.full_like(counts, int(val_per_class))
-        request = f"val_per_class={val_per_class}"
+        request = f"{val_per_class} images per class"
     else:
         if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"stratified_split: val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"a validation fraction of {val_fraction} is outside (0, 1)")
         n_val = torch.round(counts.double() * val_fraction).long().clamp(min=1)
-        request = f"val_fraction={val_fraction}"
+        request = f"a fraction {val_fraction:g} of each class"
     # Every class must keep at least one training sample after giving n_val to validation.
     short = torch.nonzero(counts <= n_val).flatten().tolist()
     if short:
         detail = ", ".join(f"class {c} has {int(counts[c])}" for c in short[:10])
         raise ConfigError(
-            f"stratified_split: {request} leaves no training example for {len(short)} class(es) "
-            f"({detail}{', ...' if len(short) > 10 else ''}); each class needs more than "
-            "its validation share"
+            f"taking {request} for validation leaves no training example for {len(short)} "
+            f"class(es) ({detail}{', ...' if len(short) > 10 else ''}); each class needs more "
+            "images than its validation share"
         )
     is_val = rank < n_val[labels.long().cpu()]
     return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
