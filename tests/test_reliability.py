@@ -182,7 +182,7 @@ def test_bad_teacher_checkpoints(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"this is not a checkpoint")
     code, _, err = run_cli(capsys, "run", config, f"teacher.checkpoint={corrupt}")
-    assert code == 2 and "cannot be read" in err
+    assert code == 2 and "is not a readable torch file" in err and str(corrupt) in err
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     code, _, err = run_cli(capsys, "run", config, f"teacher.checkpoint={tmp_path / 'foreign.pt'}")
     assert code == 2 and "not a refilled model checkpoint" in err
