@@ -7,6 +7,7 @@ teacher from a config and then calls :func:`distill` too.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -345,41 +346,139 @@ def validation(student: Network, train: Split, val: Split | None, device, kind: 
     return {"val_accuracy": accuracy(logits, val.labels)}
 
 
+def _user_code(what: str, hint: str):
+    """Run a first pass of a user's model or method: an exception from inside it becomes one
+    line naming ``what`` (``REFILLED_DEBUG=1`` keeps the traceback)."""
+    import os
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's module failed on real input
+            if os.environ.get("REFILLED_DEBUG"):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"{what} fails ({type(err).__name__}: {first}); {hint}") from None
+
+    return guard()
+
+
+def check_batches(cfg: Config, spec: MethodSpec, labels: torch.Tensor, num_classes: int,
+                  dist: Dist = Dist()) -> None:
+    """Refuse batch settings that can never work, before anything trains."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    for key, optim, pairs in spec.schedules(cfg):
+        if optim.batch_size % dist.world:
+            raise UserError(f"{key}.batch_size={optim.batch_size} must be divisible by the "
+                            f"{dist.world} processes of this torchrun job")
+        if pairs and (optim.batch_size < 2 or optim.m_per_class == 1 or int(counts.max()) < 2):
+            raise UserError(
+                f"stage 1 can never see a positive pair (two images of one class in a batch) with "
+                f"{key}.batch_size={optim.batch_size}, {key}.m_per_class={optim.m_per_class} "
+                f"and at most {int(counts.max())} training images per class; use the class-balanced "
+                f"sampler, e.g. {key}.m_per_class=4 with a batch size that is a multiple of 4"
+            )
+        present = int((counts > 0).sum())
+        if optim.m_per_class and optim.batch_size // optim.m_per_class > present:
+            raise UserError(
+                f"{key}: batches of {optim.batch_size // optim.m_per_class} classes x "
+                f"{optim.m_per_class} images need {optim.batch_size // optim.m_per_class} classes, "
+                f"but the training data has {present}; lower {key}.batch_size or raise "
+                f"{key}.m_per_class"
+            )
+
+
+def _setup(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | None, train: Split, *,
+           device, dist: Dist, num_classes: int, shared_classes):
+    """Both networks on the device and probed on real inputs, the student's classifier sized,
+    and the method's needs checked. Returns (example inputs, student ids, teacher ids)."""
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    if cfg.speed.channels_last and device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    example = as_input(train.images[:4], device)
+    shape = "x".join(map(str, example.shape[1:]))
+    for net in (student, teacher):
+        if net is not None:
+            with _user_code(f"the {net.role} on a batch of the training images ({shape})",
+                            f"check {net.role}.arch / {net.role}.kwargs against the data"):
+                net.probe(example)
+    if student.num_classes != num_classes and spec.predictor == "classifier":
+        student.reset_classifier(num_classes)
+    student_ids, teacher_ids = (shared_classes if shared_classes is not None
+                                else (torch.zeros(0, dtype=torch.long),) * 2)
+    check_requirements(spec, student, teacher, student_ids, teacher_ids)
+    check_batches(cfg, spec, train.labels, num_classes, dist)
+    return example, student_ids.to(device), teacher_ids.to(device)
+
+
+def rehearse(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | None, train: Split, *,
+             device, dist: Dist, num_classes: int, shared_classes=None, augment=None) -> None:
+    """Every check before anything trains: one batch of every stage of the method, forward and
+    backward, on a copy of the student (the global RNG forked), so a failure in stage 2 shows
+    before stage 1 (or the teacher) trains, and nothing of the real run changes."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        student = copy.deepcopy(student)
+        example, student_ids, teacher_ids = _setup(cfg, spec, student, teacher, train, device=device,
+                                                   dist=dist, num_classes=num_classes,
+                                                   shared_classes=shared_classes)
+        frozen = FrozenTeacher(teacher) if teacher is not None else None
+        centers = (torch.zeros(num_classes, teacher.num_features, device=device)
+                   if frozen is not None and spec.global_centers(cfg) else None)
+        resolved = Resolved(cfg=cfg, student=student, teacher=frozen, num_classes=num_classes,
+                            example=example, centers=centers, student_ids=student_ids,
+                            teacher_ids=teacher_ids, dist=dist)
+        stages = spec.build(resolved)
+        augment = Augment(**augment) if isinstance(augment, Mapping) else augment
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.speed.amp and device.type == "cuda")
+        for stage in stages:
+            with _user_code(f"method '{cfg.method}', {stage.name}, on a first batch (before training)",
+                            "check the models and the method's settings"):
+                if stage.prepare is not None:
+                    stage.prepare()
+                loader = _loader(train, stage.optim, seed=cfg.seed, device=device, dist=dist,
+                                 augment=augment, channels_last=False)
+                x, y = next(iter(loader))
+                stage.method.train()
+                with autocast:
+                    losses = stage.method(x, y, 0)
+                    total = sum(v for k, v in losses.items() if not k.startswith("_"))
+                if total.requires_grad:
+                    total.backward()
+
+
 def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | None, train: Split,
          val: Split | None, *, device, dist: Dist, run_dir: Path | None, num_classes: int,
          shared_classes, augment) -> None:
     """Everything of :func:`distill` after the inputs are checked and wrapped."""
     from refilled.rundirs import prepare_run_dir
 
-    student.to(device)
-    if teacher is not None:
-        teacher.to(device)
+    rehearse(cfg, spec, student, teacher, train, device=device, dist=dist, num_classes=num_classes,
+             shared_classes=shared_classes, augment=augment)
+    example, student_ids, teacher_ids = _setup(cfg, spec, student, teacher, train, device=device,
+                                               dist=dist, num_classes=num_classes,
+                                               shared_classes=shared_classes)
     channels_last = cfg.speed.channels_last and device.type == "cuda"
-    if channels_last:
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
-    example = as_input(train.images[:4], device)
-    student.probe(example)
-    if teacher is not None:
-        teacher.probe(example)
-    if student.num_classes != num_classes and spec.predictor == "classifier":
-        student.reset_classifier(num_classes)
     if cfg.speed.compile and device.type == "cuda":
         student.compile_passes()
         if teacher is not None:
             teacher.compile_passes()
     frozen = FrozenTeacher(teacher) if teacher is not None else None
-    student_ids, teacher_ids = (shared_classes if shared_classes is not None
-                                else (torch.zeros(0, dtype=torch.long),) * 2)
-    check_requirements(spec, student, teacher, student_ids, teacher_ids)
     if run_dir is not None:
         prepare_run_dir(run_dir, cfg, dist.rank)
     centers = (teacher_centers(frozen, train, num_classes, device, dist, run_dir)
                if frozen is not None and spec.global_centers(cfg) else None)
     resolved = Resolved(cfg=cfg, student=student, teacher=frozen, num_classes=num_classes,
-                        example=example, centers=centers, student_ids=student_ids.to(device),
-                        teacher_ids=teacher_ids.to(device), dist=dist)
+                        example=example, centers=centers, student_ids=student_ids,
+                        teacher_ids=teacher_ids, dist=dist)
     stages = spec.build(resolved)
     if isinstance(augment, Mapping):
         augment = Augment(**augment)

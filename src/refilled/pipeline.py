@@ -23,6 +23,7 @@ carved from the training data.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from refilled.api import distill, weights_of
+from refilled.api import distill, rehearse, weights_of
 from refilled.config import Config
 from refilled.data import Augment
 from refilled.errors import ConfigError, UserError
@@ -51,6 +52,7 @@ from refilled.networks import FrozenTeacher, Network
 from refilled.rundirs import (
     config_digest,
     finished_results,
+    hold,
     prepare_run_dir,
     run_dir_of,
     teacher_config,
@@ -272,29 +274,6 @@ def evaluate(cfg: Config, spec: MethodSpec, task: Task, student: Network, teache
 # ------------------------------------------------------------------ one run
 
 
-def check_batches(cfg: Config, spec: MethodSpec, task: Task, dist: Dist = Dist()) -> None:
-    """Refuse batch settings that can never work, before anything trains."""
-    counts = torch.bincount(task.train.labels, minlength=task.num_classes)
-    for key, optim, pairs in spec.schedules(cfg):
-        if optim.batch_size % dist.world:
-            raise UserError(f"{key}.batch_size={optim.batch_size} must be divisible by the "
-                            f"{dist.world} processes of this torchrun job")
-        if pairs and (optim.batch_size < 2 or optim.m_per_class == 1 or int(counts.max()) < 2):
-            raise UserError(
-                f"stage 1 can never see a positive pair (two images of one class in a batch) with "
-                f"{key}.batch_size={optim.batch_size}, {key}.m_per_class={optim.m_per_class} "
-                f"and at most {int(counts.max())} training images per class; use the class-balanced "
-                f"sampler, e.g. {key}.m_per_class=4 with a batch size that is a multiple of 4"
-            )
-        if optim.m_per_class and optim.batch_size // optim.m_per_class > task.num_classes:
-            raise UserError(
-                f"{key}: batches of {optim.batch_size // optim.m_per_class} classes x "
-                f"{optim.m_per_class} images need {optim.batch_size // optim.m_per_class} classes, "
-                f"but the student has {task.num_classes}; lower {key}.batch_size or raise "
-                f"{key}.m_per_class"
-            )
-
-
 def _augment(task: Task):
     info = task.info
     if not info.get("train_augment", True):
@@ -310,51 +289,79 @@ def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Net
                        teacher_info: dict = NO_TEACHER) -> dict:
     """Train the student of ``cfg`` in ``run_dir`` (or return a finished run's results), test it
     once and write ``model.pt`` and ``results.json``. Also trains the teacher (``role="teacher"``)."""
-    prepare_run_dir(run_dir, cfg, dist.rank)
-    finished = finished_results(run_dir)
-    if finished is not None:
-        return finished
-    tic = time.perf_counter()
-    task = tasks.student
-    seed_everything(cfg.seed)
-    student = build_network(cfg.student, "student", task, task.num_classes, device)
-    student_ids, teacher_ids = shared_classes(task, tasks.teacher)
-    trains = bool(spec.schedules(cfg))
-    if trains or spec.predictor != "teacher_ncm":
-        distill(teacher, student, task.train, val=task.val, config=cfg, run_dir=run_dir,
-                device=device, num_classes=task.num_classes,
-                shared_classes=(student_ids, teacher_ids), augment=_augment(task))
-    figures = evaluate(cfg, spec, task, student, teacher, device, dist)
-    history = getattr(student, "refilled_history", [])
-    if dist.is_main and spec.predictor != "teacher_ncm":
-        save_model(run_dir / "model.pt", student, cfg.student, task.num_classes, task, {})
-    results = {
-        "method": cfg.method,
-        "arm": cfg.arm,
-        "role": role,
-        "dataset": cfg.data.name,
-        "protocol": protocol_name(cfg),
-        "seed": cfg.seed,
-        "test_accuracy": figures.pop("test_accuracy"),
-        "val_accuracy": figures.pop("val_accuracy"),
-        "stage1_ncm_accuracy": figures.pop("stage1_ncm"),
-        "stage1_ncm_val_accuracy": figures.pop("stage1_ncm_val"),
-        "stage1_embedding_norm": figures.pop("stage1_embedding_norm"),
-        **figures,
-        **teacher_info,
-        "student_arch": cfg.student.arch if spec.predictor != "teacher_ncm" else None,
-        "num_classes": task.num_classes,
-        "overlap": len(student_ids) if role == "student" else None,
-        "train_images": len(task.train.labels),
-        "empty_mining_batches": getattr(history, "empty_batches", 0),
-        "wall_seconds": round(time.perf_counter() - tic, 2),
-        "config_digest": config_digest(cfg),
-        "run_dir": str(run_dir),
-    }
-    if dist.is_main:
-        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    dist.barrier()
-    return results
+    with hold(run_dir, dist.rank):
+        prepare_run_dir(run_dir, cfg, dist.rank)
+        saves_model = spec.predictor != "teacher_ncm"
+        finished = finished_results(run_dir, needs_model=saves_model)
+        if finished is not None:
+            return finished
+        tic = time.perf_counter()
+        task = tasks.student
+        seed_everything(cfg.seed)
+        student = build_network(cfg.student, "student", task, task.num_classes, device)
+        student_ids, teacher_ids = shared_classes(task, tasks.teacher)
+        if spec.schedules(cfg) or saves_model:
+            distill(teacher, student, task.train, val=task.val, config=cfg, run_dir=run_dir,
+                    device=device, num_classes=task.num_classes,
+                    shared_classes=(student_ids, teacher_ids), augment=_augment(task))
+        figures = evaluate(cfg, spec, task, student, teacher, device, dist)
+        history = getattr(student, "refilled_history", [])
+        if dist.is_main and saves_model:
+            save_model(run_dir / "model.pt", student, cfg.student, task.num_classes, task, {})
+        results = {
+            "method": cfg.method,
+            "arm": cfg.arm,
+            "role": role,
+            "dataset": cfg.data.name,
+            "protocol": protocol_name(cfg),
+            "seed": cfg.seed,
+            "test_accuracy": figures.pop("test_accuracy"),
+            "val_accuracy": figures.pop("val_accuracy"),
+            "stage1_ncm_accuracy": figures.pop("stage1_ncm"),
+            "stage1_ncm_val_accuracy": figures.pop("stage1_ncm_val"),
+            "stage1_embedding_norm": figures.pop("stage1_embedding_norm"),
+            **figures,
+            **teacher_info,
+            "student_arch": cfg.student.arch if saves_model else None,
+            "num_classes": task.num_classes,
+            "overlap": len(student_ids) if role == "student" else None,
+            "train_images": len(task.train.labels),
+            "empty_mining_batches": getattr(history, "empty_batches", 0),
+            "wall_seconds": round(time.perf_counter() - tic, 2),
+            "config_digest": config_digest(cfg),
+            "run_dir": str(run_dir),
+        }
+        if dist.is_main:
+            atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        dist.barrier()
+        return results
+
+
+def rehearse_run(cfg: Config, spec: MethodSpec, tasks: Tasks, device, dist: Dist) -> None:
+    """Every check before anything trains, the teacher's training included: both networks are
+    built (the teacher as an untrained stand-in of its architecture when it still has to be
+    trained) and one batch of every stage goes through the method, with the global RNG forked,
+    so that nothing of the real run changes."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        student = build_network(cfg.student, "student", tasks.student, tasks.student.num_classes, device)
+        teacher = None
+        if spec.needs_teacher:
+            t = cfg.teacher
+            teacher = build_network(t, "teacher", tasks.teacher, tasks.teacher.num_classes, device)
+            if t.init == "trained" and t.checkpoint is None and t.weights is None:
+                tcfg = teacher_config(cfg)
+                rehearse(tcfg, method_spec("ce"), teacher, None, tasks.teacher.train, device=device,
+                         dist=dist, num_classes=tasks.teacher.num_classes, augment=_augment(tasks.teacher))
+        ids = shared_classes(tasks.student, tasks.teacher)
+        rehearse(cfg, spec, student, teacher, tasks.student.train, device=device, dist=dist,
+                 num_classes=tasks.student.num_classes, shared_classes=ids,
+                 augment=_augment(tasks.student))
+
+
+def _notice(cfg: Config, text: str) -> None:
+    if cfg.progress:
+        print(f"refilled: {text}", file=sys.stderr, flush=True)
 
 
 def run(cfg: Config) -> dict:
@@ -363,14 +370,16 @@ def run(cfg: Config) -> dict:
     spec = method_spec(cfg.method)
     run_dir = run_dir_of(cfg)
     prepare_run_dir(run_dir, cfg, dist.rank)
-    finished = finished_results(run_dir)
+    finished = finished_results(run_dir, needs_model=spec.predictor != "teacher_ncm")
     if finished is not None:
+        _notice(cfg, f"run '{run_dir}' has finished already; its results follow (delete its "
+                     "results.json to evaluate it again)")
         return finished
     if cfg.protocol != "distill" and dist.world > 1:
         raise UserError(f"protocol '{cfg.protocol}' runs in one process; start it without torchrun")
     seed_everything(cfg.seed)
     tasks = PROTOCOLS[cfg.protocol].tasks(cfg)
-    check_batches(cfg, spec, tasks.student, dist)  # before any training, the teacher's included
+    rehearse_run(cfg, spec, tasks, device, dist)  # before any training, the teacher's included
     teacher, info = None, NO_TEACHER
     if spec.needs_teacher:
         teacher, info = prepare_teacher(cfg, tasks, device, dist)

@@ -7,10 +7,12 @@ checkpoints, ``metrics.csv``, ``teacher_centers.pt``, ``model.pt`` and, once fin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 from refilled.config import Config, ConfigError, dump_yaml, make_config, to_dict
@@ -132,10 +134,39 @@ def prepare_run_dir(run_dir: Path, cfg: Config, rank: int = 0) -> None:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
 
-def finished_results(run_dir: Path) -> dict | None:
-    """The results of a finished run in ``run_dir`` (None if it has not finished)."""
+_HELD: set[Path] = set()
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path, rank: int = 0):
+    """Hold ``run_dir`` for this process while a run trains and writes there: a second process
+    (another sweep over the same out_dir, on this machine or another) waits, with a message,
+    until it is free; a lock left by a killed process is taken over. Re-entrant within a
+    process; under torchrun rank 0 holds it for the job."""
+    from refilled.files import RunLock
+
+    key = Path(run_dir).resolve()
+    if rank != 0 or key in _HELD:
+        yield
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, wait=True, on_wait=lambda message: print(f"refilled: {message}",
+                                                                    file=sys.stderr, flush=True)):
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+
+
+def finished_results(run_dir: Path, needs_model: bool = True) -> dict | None:
+    """The results of a finished run in ``run_dir`` (None if it has not finished). A run whose
+    ``model.pt`` was deleted counts as unfinished: it is evaluated again from its last stage
+    checkpoint (nothing retrains), or retrained when the checkpoints are gone too."""
     path = run_dir / "results.json"
     if not path.exists():
+        return None
+    if needs_model and not (run_dir / "model.pt").exists():
         return None
     from refilled.files import read_json
 

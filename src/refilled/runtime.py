@@ -67,11 +67,6 @@ class Dist:
         torch.distributed.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)

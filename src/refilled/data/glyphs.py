@@ -362,7 +362,3 @@ def load_glyphs(root=None, split: str = "train", image_size: int = 32, seed: int
         fonts=[d["font_names"][int(f)] for f in d["font_ids"][idx]],
     )
 
-
-def describe(names: list[str]) -> str:
-    """Unicode names of characters, for messages and documentation."""
-    return ", ".join(f"{c} ({unicodedata.name(c, hex(ord(c)))})" for c in names)

@@ -113,7 +113,6 @@ class MethodSpec:
     predictor: str = "classifier"
     schedules: Callable[["Config"], list] = _train_schedule
     global_centers: Callable[["Config"], bool] = lambda cfg: False
-    doc: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -125,8 +124,7 @@ def register_method(name: str, **requirements):
     def deco(builder: Callable[[Resolved], list[Stage]]):
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        spec = MethodSpec(name=name, build=builder, doc=(builder.__doc__ or "").strip().split("\n")[0],
-                          **requirements)
+        spec = MethodSpec(name=name, build=builder, **requirements)
         if spec.predictor not in PREDICTORS:
             raise ValueError(f"method {name!r}: predictor must be one of {PREDICTORS}")
         METHODS[name] = spec
