@@ -98,13 +98,15 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Relationship matching on the embedding (SPEC §2); epochs = 0 skips stage 1."""
+    """Relationship matching on the embedding (SPEC §2); ``optim.epochs = 0`` skips stage 1 (the
+    ``stage2_only`` ablation). By default stage 1 gets the same schedule as stage 2 (``train``:
+    10 epochs), as in the papers' recipe (equal budgets)."""
 
     tau: float = 4.0
     margin: float = 0.2
     mode: str = "tuple"  # tuple | triplet
     scale: float = 1000.0
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=10))
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from refilled.evaluation import (
 )
 from refilled.files import atomic_torch_save, atomic_write_text, safe_load
 from refilled.methods import MethodSpec, method_spec
-from refilled.models.external import build_module, load_weights
+from refilled.models.external import build_module, check_arch, load_weights
 from refilled.networks import FrozenTeacher, Network
 from refilled.rundirs import (
     config_digest,
@@ -359,6 +359,20 @@ def rehearse_run(cfg: Config, spec: MethodSpec, tasks: Tasks, device, dist: Dist
                  augment=_augment(tasks.student))
 
 
+def check_config(cfg: Config) -> None:
+    """The names a config gives that no value check can see: the dataset and the architectures
+    (zoo names, importable factories, timm models). ``refilled config`` and every run call it
+    before any data is read."""
+    from refilled.data import DATASET_NAMES
+
+    if cfg.data.name not in DATASET_NAMES:
+        raise ConfigError(f"config key 'data.name' must be one of {list(DATASET_NAMES)}, got "
+                          f"{cfg.data.name!r}")
+    check_arch(cfg.student.arch, "student")
+    if method_spec(cfg.method).needs_teacher:
+        check_arch(cfg.teacher.arch, "teacher")
+
+
 def _notice(cfg: Config, text: str) -> None:
     if cfg.progress:
         print(f"refilled: {text}", file=sys.stderr, flush=True)
@@ -366,6 +380,7 @@ def _notice(cfg: Config, text: str) -> None:
 
 def run(cfg: Config) -> dict:
     """Run one experiment (or resume it); return its results. A finished run is not redone."""
+    check_config(cfg)
     dist, device = init_distributed(cfg.device)
     spec = method_spec(cfg.method)
     run_dir = run_dir_of(cfg)

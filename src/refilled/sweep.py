@@ -12,7 +12,7 @@ from pathlib import Path
 
 from refilled.config import load_config, load_yaml, make_config
 from refilled.files import atomic_write_text, write_csv
-from refilled.pipeline import run
+from refilled.pipeline import check_config, run
 from refilled.stats import mean_std
 
 
@@ -64,6 +64,7 @@ def run_sweep(config_path: str | None, overrides: list[str], progress: bool = Tr
         arm = cfg.arm if "arm" not in swept else None
         configs.append(make_config(tree, [*cell, f"arm={cell_label(cell, swept, cfg.method, arm)}",
                                           "progress=false"]))
+        check_config(configs[-1])
     results = []
     for cfg in tqdm(configs, desc="sweep", disable=not progress, dynamic_ncols=True):
         results.append({**run(cfg), "arm": cfg.arm})

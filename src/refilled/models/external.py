@@ -88,6 +88,30 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def check_arch(arch: str, role: str) -> None:
+    """That ``arch`` names something buildable, without building it: a zoo name, an importable
+    factory, or a timm model where timm is installed (``refilled config`` and every run check
+    this before any data is read)."""
+    from refilled.models.registry import check_name
+
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"{role}.arch '{arch}' needs timm, which is not installed "
+                              "(`pip install timm`; it pulls torchvision)") from None
+        name = arch.removeprefix("timm:")
+        if not timm.list_models(name) and not timm.is_model(name):
+            raise ConfigError(f"{role}.arch '{arch}': timm has no model '{name}'")
+    elif is_import_path(arch):
+        _import_factory(arch, role)
+    else:
+        try:
+            check_name(arch)
+        except ConfigError as err:
+            raise ConfigError(f"{role}.arch: {err}") from None
+
+
 def build_module(arch: str, num_classes: int, in_chans: int, *, input_size: int | None = None,
                  kwargs: Mapping | None = None, role: str = "student") -> nn.Module:
     """The ``nn.Module`` that ``arch`` names (zoo, import path or ``timm:``), freshly initialised."""

@@ -153,6 +153,17 @@ def _check_kwargs(name: str, fn: Callable, skip: tuple[str, ...], kwargs: dict) 
             raise ConfigError(f"model {name!r} got an unknown argument {key!r} (accepted: {opts})")
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a zoo model (listed, or a member of a registered family)."""
+    return name in _MODELS or any(regex.fullmatch(name) for regex, _, _ in _PATTERNS)
+
+
+def check_name(name: str) -> None:
+    """ConfigError naming the zoo's models when ``name`` is none of them."""
+    if not is_registered(name):
+        raise ConfigError(f"unknown model {name!r}; {_available()}")
+
+
 def create_model(name: str, num_classes: int, in_chans: int = 3, input_size: int | None = None,
                  **kwargs) -> nn.Module:
     """Build the model called ``name``; raises ConfigError for unknown names or kwargs.
