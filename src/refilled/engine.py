@@ -9,6 +9,7 @@ not redone. Checkpoints hold tensors and plain data only and are read with ``wei
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -200,4 +201,4 @@ def _show(stage: str, epoch: int, epochs: int, row: dict) -> None:
     shown = {k: v for k, v in row.items() if k not in ("stage", "epoch", "seconds")}
     tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: " + ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
-    ))
+    ), file=sys.stderr)  # stdout carries the results only
