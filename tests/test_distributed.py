@@ -123,3 +123,26 @@ def test_torchrun_end_to_end_on_cpu(tmp_path):
     assert 0 <= res["test_accuracy"] <= 1 and res["stage1_ncm_accuracy"] is not None
     rows = (results[0].parent / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 + 2
+
+
+def test_each_rank_augments_only_its_slice_with_the_global_batch_draws():
+    from refilled.data import Augment, ClassBalancedSampler, TensorLoader
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (48, 1, 12, 12), dtype=torch.uint8, generator=g)
+    labels = torch.arange(48) % 6
+    augment = Augment(2, True, degrees=10, scale=0.1, shear=0.2, thickness=0.7, noise=0.05)
+
+    def batches(rank, world, sampler):
+        loader = TensorLoader(images, labels, 12, augment=augment, seed=3, rank=rank, world=world,
+                              sampler=ClassBalancedSampler(labels, 2, 12, seed=3) if sampler else None)
+        loader.set_epoch(1)
+        return list(loader)
+
+    for sampler in (False, True):
+        whole = batches(0, 1, sampler)
+        for rank in range(WORLD):
+            mine = batches(rank, WORLD, sampler)
+            assert len(mine) == len(whole)
+            for (x, y), (xw, yw) in zip(mine, whole):
+                assert torch.equal(x, xw.chunk(WORLD)[rank]) and torch.equal(y, yw.chunk(WORLD)[rank])

@@ -399,9 +399,10 @@ def _setup(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | N
     if teacher is not None:
         teacher.to(device)
     if cfg.speed.channels_last and device.type == "cuda":
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
+        for net in (student, teacher):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
+                net.channels_last = True
     example = as_input(train.images[:4], device)
     shape = "x".join(map(str, example.shape[1:]))
     for net in (student, teacher):

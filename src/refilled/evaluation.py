@@ -28,8 +28,11 @@ def predict(model, images: torch.Tensor, device, batch_size: int = 512, *, dist:
     Under torchrun (``dist``) each rank embeds a contiguous share and the shares are gathered,
     so every rank returns the whole result and no rank waits for another in a collective.
     ``fixed_batch`` pads the last, smaller batch to ``batch_size`` (a compiled network then
-    never sees a new shape); ``channels_last`` feeds NHWC batches (CUDA).
+    never sees a new shape); ``channels_last`` feeds NHWC batches (CUDA). Both default to what
+    the network asks for (:class:`refilled.networks.Network`).
     """
+    channels_last = channels_last or getattr(model, "channels_last", False)
+    fixed_batch = fixed_batch or getattr(model, "fixed_batch", False)
     was_training = model.training
     model.eval()
     n = len(images)

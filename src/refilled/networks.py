@@ -110,6 +110,10 @@ class Network(nn.Module):
         self.register_buffer("std", std_t, persistent=False)
         self._num_features: int | None = None
         self._num_classes: int | None = None
+        # How evaluation feeds it (CUDA): NHWC batches; every batch padded to one size once its
+        # passes are compiled, so the last, smaller batch never triggers a recompile.
+        self.channels_last = False
+        self.fixed_batch = False
         self.head_name = None
         if self.zoo:
             self.head_name = "head" if isinstance(getattr(module, "head", None), nn.Module) else None
@@ -324,6 +328,7 @@ class Network(nn.Module):
             self.module.forward_features = torch.compile(self.module.forward_features)
         else:
             self.module.forward = torch.compile(self.module.forward)
+        self.fixed_batch = True
 
     def module_state_dict(self) -> dict:
         return self.module.state_dict()

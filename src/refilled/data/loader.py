@@ -32,25 +32,35 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def _part(draw: torch.Tensor, b: int, part: tuple[int, int] | None) -> torch.Tensor:
+    """The rows of a draw made for the whole global batch that belong to this slice."""
+    return draw if part is None else draw[part[0]: part[0] + b]
+
+
+def crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator,
+              part: tuple[int, int] | None = None) -> torch.Tensor:
     """Random zero-pad-and-crop (per-sample offsets) and random horizontal flip of a float batch.
 
     Random draws, in this order, from the CPU ``generator``: if ``pad > 0``, row offsets then
     column offsets (``torch.randint(0, 2*pad+1, (B,))`` each); if ``flip``, ``torch.rand(B) < 0.5``.
+    ``part = (start, total)``: ``x`` is rows ``start:start+len(x)`` of a global batch of
+    ``total``; the draws are made for all ``total`` rows (the same on every rank) and this
+    slice's are used, so a slice augments exactly as it would inside the whole batch.
     """
     b, _, h, w = x.shape
     if pad <= 0 and not flip:
         return x
+    n = b if part is None else part[1]
     rows = torch.arange(h).expand(b, h)
     cols = torch.arange(w).expand(b, w)
     if pad > 0:
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        oy = _part(torch.randint(0, 2 * pad + 1, (n,), generator=generator), b, part)
+        ox = _part(torch.randint(0, 2 * pad + 1, (n,), generator=generator), b, part)
         rows = rows + oy[:, None]
         cols = cols + ox[:, None]
         x = F.pad(x, (pad, pad, pad, pad))  # pad once; crops are gathered by index below
     if flip:
-        flipped = torch.rand(b, generator=generator) < 0.5
+        flipped = _part(torch.rand(n, generator=generator), b, part) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     rows, cols = to_device(rows, x.device), to_device(cols, x.device)
     # Gather rows, then columns: out[i, c, r, q] = x[i, c, rows[i, r], cols[i, q]].
@@ -91,7 +101,8 @@ def stroke_width(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator, *,
                   degrees: float = 0.0, scale: float = 0.0, shear: float = 0.0,
-                  thickness: float = 0.0, noise: float = 0.0) -> torch.Tensor:
+                  thickness: float = 0.0, noise: float = 0.0,
+                  part: tuple[int, int] | None = None) -> torch.Tensor:
     """:func:`crop_flip`, then optional small affine, stroke width and pixel noise.
 
     All draws come from the CPU ``generator``, in this order: crop/flip (see :func:`crop_flip`);
@@ -102,21 +113,25 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Genera
     (``torch.rand(b)``) for :func:`stroke_width`; if ``noise > 0``, Gaussian pixel noise of
     standard deviation ``noise`` (``torch.randn`` of the batch shape), then clamped to [0, 1].
     With all of these zero the result is exactly :func:`crop_flip`'s (same draws).
+    ``part = (start, total)``: as in :func:`crop_flip`, every draw is made for the global batch
+    and this slice's rows are used (each rank of a torchrun job augments only its own slice).
     """
-    x = crop_flip(x, pad, flip, generator)
+    x = crop_flip(x, pad, flip, generator, part)
     b = x.shape[0]
+    n = b if part is None else part[1]
     if degrees or scale or shear:
-        angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(degrees)
-        mag = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale
-        sh = (torch.rand(b, generator=generator) * 2 - 1) * shear
-        theta = to_device(affine_matrices(angle, mag, sh), x.device).to(x.dtype)
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+        mag = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale
+        sh = (torch.rand(n, generator=generator) * 2 - 1) * shear
+        theta = _part(affine_matrices(angle, mag, sh), b, part)
+        theta = to_device(theta, x.device).to(x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if thickness > 0:
-        x = stroke_width(x, (torch.rand(b, generator=generator) * 2 - 1) * thickness)
+        x = stroke_width(x, _part((torch.rand(n, generator=generator) * 2 - 1) * thickness, b, part))
     if noise > 0:
-        eps = to_device(torch.randn(x.shape, generator=generator), x.device).to(x.dtype)
-        x = (x + noise * eps).clamp_(0.0, 1.0)
+        eps = _part(torch.randn((n, *x.shape[1:]), generator=generator), b, part)
+        x = (x + noise * to_device(eps, x.device).to(x.dtype)).clamp_(0.0, 1.0)
     return x
 
 
@@ -129,8 +144,9 @@ class Augment:
         self.extra = {"degrees": float(degrees), "scale": float(scale), "shear": float(shear),
                       "thickness": float(thickness), "noise": float(noise)}
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return augment_batch(x, self.pad, self.flip, generator, **self.extra)
+    def __call__(self, x: torch.Tensor, generator: torch.Generator,
+                 part: tuple[int, int] | None = None) -> torch.Tensor:
+        return augment_batch(x, self.pad, self.flip, generator, part=part, **self.extra)
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v:g}" for k, v in self.extra.items() if v)
@@ -284,16 +300,18 @@ class TensorLoader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         gen = epoch_generator(self.seed, epoch)  # shuffling and augmentation of this epoch
         for idx in self._batch_indices(gen, epoch):
+            part = None
+            if self.world > 1:  # every rank draws the same global batch and keeps its own slice
+                total, per = len(idx), len(idx) // self.world
+                idx, part = idx[self.rank * per:(self.rank + 1) * per], (self.rank * per, total)
             idx = to_device(idx, self.device)
             x = self.images[idx]
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            if self.augment is not None:
-                x = self.augment(x, gen)  # pads with 0 = black, before normalisation
+            if self.augment is not None:  # pads with 0 = black, before normalisation
+                x = self.augment(x, gen) if part is None else self.augment(x, gen, part)
             if self.mean is not None:
                 x = (x - self.mean) / self.std
             y = self.labels[idx]
-            if self.world > 1:  # augmentation drew for the whole global batch: same on every rank
-                x, y = x.chunk(self.world)[self.rank], y.chunk(self.world)[self.rank]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
