@@ -171,14 +171,6 @@ def _materialise(dataset, what: str):
     return torch.stack(images), torch.tensor(labels)
 
 
-def _data_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images scaled to [0, 1]."""
-    x = images[:20000].float().div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return mean.tolist(), std.tolist()
-
-
 def wrap(module, section, role: str, default_stats) -> Network:
     """``module`` as a :class:`Network` with the config section's embedding/head/statistics."""
     if isinstance(module, Network):
@@ -282,9 +274,10 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             ``embedding``, ``head``, ``mean``, ``std``, ``maps`` (student), ``teacher_embedding``,
             ``teacher_mean``, ``teacher_std``, ``teacher_maps``, ``amp``, ``compile``.
 
-    Input statistics: each network normalises its own input with its ``mean``/``std``; by
-    default the training images' per-channel statistics for uint8 images (the teacher gets
-    the student's unless ``teacher_mean``/``teacher_std`` are given), none for float images.
+    Inputs: uint8 images are scaled to [0, 1], float images are used as they are. A network
+    normalises its input only when given statistics: ``mean``/``std`` for the student,
+    ``teacher_mean``/``teacher_std`` for the teacher (by default the student's) — give the ones
+    each model was (or will be) used with, and apply the student's at inference too.
 
     Returns the student; ``student.refilled_history`` holds the epoch rows (:class:`History`).
     """
@@ -303,8 +296,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
     if spec.needs_teacher and teacher is None:
         raise UserError(f"method '{cfg.method}' needs a teacher; pass one (or method='ce')")
     dist, device = init_distributed(device)
-    stats = _data_stats(train.images) if train.images.dtype == torch.uint8 else None
-    student_net = wrap(student, cfg.student, "student", stats)
+    student_net = wrap(student, cfg.student, "student", None)
     own = student_net.mean is not None
     teacher_net = None
     if teacher is not None and spec.needs_teacher:

@@ -92,9 +92,14 @@ def save_model(path: Path, network: Network, section, num_classes: int, task: Ta
         {"arch": section.arch, "kwargs": dict(section.kwargs), "num_classes": num_classes,
          "in_chans": int(images.shape[1]), "input_size": int(images.shape[-1]),
          "num_features": network.num_features, "embedding": section.embedding,
-         "head": section.head, "state_dict": network.module_state_dict(), **extra},
+         "head": section.head, "mean": _stat(network.mean), "std": _stat(network.std),
+         "state_dict": network.module_state_dict(), **extra},
         path,
     )
+
+
+def _stat(t):
+    return None if t is None else [float(v) for v in t.flatten()]
 
 
 def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[Network, Path]:
@@ -128,8 +133,9 @@ def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[
     except (RuntimeError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0][:300]
         raise UserError(f"teacher checkpoint '{path}' does not fit {ckpt['arch']}: {first}") from None
-    mean = t.mean if t.mean is not None else task.info["mean"]
-    std = t.std if t.std is not None else task.info["std"]
+    # the statistics it was trained with (saved with it), unless the config gives others
+    mean = t.mean if t.mean is not None else (ckpt.get("mean") or task.info["mean"])
+    std = t.std if t.std is not None else (ckpt.get("std") or task.info["std"])
     net = Network(module, embedding=t.embedding if t.embedding is not None else ckpt.get("embedding"),
                   head=t.head if t.head is not None else ckpt.get("head"), mean=mean, std=std,
                   maps=t.maps, role="teacher")
