@@ -111,25 +111,27 @@ def _tuple_kl_rows(d_s, d_t, ranges, valid, tau):
     fresh buffer costs more than the arithmetic.
     """
     order, negative, start = ranges.order, ranges.negative, ranges.start
-    v_s = d_s.gather(1, order).to(torch.float64)
+    v_s = ranges.distance.to(torch.float64)  # d_s in sorted order
     v_t = d_t.gather(1, order).to(torch.float64)
     e_t = v_t.mul(-1.0 / tau).exp_()
     e_s = v_s.mul(-1.0 / tau).exp_()
     cross = v_s.sub_(v_t).mul_(e_t)  # eT (dS - dT), in v_s's buffer
-    not_negative = ~negative
+    # Masks as float factors: on CPU, masked_fill / where with a scattered mask cost several
+    # times a multiplication. (Entries off the mask are finite, so 0 * x is 0.)
+    neg = negative.to(torch.float64)
+    on_tuple = valid.to(torch.float64)
 
     def with_range(x):
         # Exclusive prefix sums over the negatives (start_i <= i < B is a valid index).
-        masked = x.masked_fill(not_negative, 0.0)
+        masked = x * neg
         prefix = masked.cumsum(1).sub_(masked)
         return prefix.sub_(prefix.gather(1, start)).add_(x)
 
     z_t, z_s, w = with_range(e_t), with_range(e_s), with_range(cross)
     kl = w.div_(z_t).mul_(1.0 / tau).add_(z_s.div(z_t).log_())
-    not_tuple = ~valid
-    inv_t = z_t.reciprocal_().masked_fill_(not_tuple, 0.0)
-    inv_s = z_s.reciprocal_().masked_fill_(not_tuple, 0.0)
-    return kl.masked_fill_(not_tuple, 0.0).sum(), inv_t, inv_s
+    inv_t = z_t.reciprocal_().mul_(on_tuple)
+    inv_s = z_s.reciprocal_().mul_(on_tuple)
+    return kl.mul_(on_tuple).sum(), inv_t, inv_s
 
 
 def _tuple_grad_rows(d_s, d_t, order, negative, start, inv_t, inv_s, tau):
@@ -140,12 +142,12 @@ def _tuple_grad_rows(d_s, d_t, order, negative, start, inv_t, inv_s, tau):
     difference array (+ at start_i, - at i) and one prefix sum.
     """
     batch = order.shape[1]
-    not_negative = ~negative
+    neg = negative.to(torch.float64)
 
     def covered(inv):  # inv_j + [j negative] * sum of inv_i over pairs with start_i <= j < i
         diff = inv.new_zeros(inv.shape[0], batch + 1).scatter_add_(1, start, inv)
         diff[:, :batch].sub_(inv)
-        return diff.cumsum_(1)[:, :batch].masked_fill_(not_negative, 0.0).add_(inv)
+        return diff.cumsum_(1)[:, :batch].mul_(neg).add_(inv)
 
     g_t = covered(inv_t).mul_(_exp_sorted(d_t, order, tau))
     return g_t.sub_(covered(inv_s).mul_(_exp_sorted(d_s, order, tau))).mul_(1.0 / tau)
@@ -174,122 +176,199 @@ class _TupleKL(torch.autograd.Function):
             valid = ranges.count > 0
             kl, inv_t, inv_s = _tuple_kl_rows(d_s[rows], d_t[rows], ranges, valid, tau)
             total, count = total + kl, count + valid.sum()
-            kept.append((ranges.order, ranges.negative, ranges.start, inv_t, inv_s))
-        ctx.save_for_backward(d_s, d_t, *(torch.cat(parts) for parts in zip(*kept)))
+            kept += [ranges.order, ranges.negative, ranges.start, inv_t, inv_s]
+        # Kept block by block (a fixed number of blocks): no copy into (B, B) buffers.
+        ctx.save_for_backward(d_s, d_t, *kept)
         ctx.tau, ctx.step = tau, step
         ctx.mark_non_differentiable(count)
         return total, count
 
     @staticmethod
     def backward(ctx, grad_total, grad_count):
-        d_s, d_t, order, negative, start, inv_t, inv_s = ctx.saved_tensors
+        d_s, d_t, *kept = ctx.saved_tensors
         out = []
-        for first in range(0, d_s.shape[0], ctx.step):
+        for block, first in enumerate(range(0, d_s.shape[0], ctx.step)):
             rows = slice(first, first + ctx.step)
-            g = _tuple_grad_rows(d_s[rows], d_t[rows], order[rows], negative[rows], start[rows],
-                                 inv_t[rows], inv_s[rows], ctx.tau)
-            out.append(torch.zeros_like(g).scatter_(1, order[rows], g).to(d_s.dtype))
+            order, negative, start, inv_t, inv_s = kept[5 * block:5 * block + 5]
+            g = _tuple_grad_rows(d_s[rows], d_t[rows], order, negative, start, inv_t, inv_s,
+                                 ctx.tau)
+            out.append(torch.zeros_like(g).scatter_(1, order, g).to(d_s.dtype))
         return torch.cat(out) * grad_total.to(d_s.dtype), None, None, None, None
 
 
-# Triplet mode: anchors are processed in blocks of (rows x B x B) entries, about this many
-# bytes of temporaries at a time (see _triplet_rows).
+# Triplet mode. Each (a, p, n) is its own binary distribution, so the loss is a sum over
+# triplets, not separable into range sums. Two blockwise strategies, one custom op each way:
+# - "grid" (any device, no data-dependent shape): blocks of anchors x all (p, n), O(B^3) work,
+#   about _TRIPLET_BLOCK_BYTES of temporaries at a time (see _triplet_rows);
+# - "band" (CPU, where no host sync exists to avoid): in each anchor's sorted row the
+#   triplets of pair i are the negatives among positions start_i .. i-1, so only those bands
+#   are visited, in chunks of about _TRIPLET_BAND_ELEMENTS entries: O(#triplets) work.
 _TRIPLET_BLOCK_BYTES = 64 << 20
-_TRIPLET_TEMPORARIES = 8  # (rows, B, B) tensors alive at once in _triplet_block, at most
+_TRIPLET_TEMPORARIES = 8  # (rows, B, B) tensors alive at once in _triplet_grid_block, at most
+_TRIPLET_BAND_ELEMENTS = 1 << 20
+_TRIPLET_BAND = None  # None: "band" on CPU, "grid" elsewhere; True / False force one (tests)
 
 
 def _triplet_rows(batch: int, itemsize: int) -> int:
-    """Anchors per block: as many as fit the byte budget, at least 1 (no more than B)."""
+    """Anchors per grid block: as many as fit the byte budget, at least 1 (no more than B)."""
     per_anchor = _TRIPLET_TEMPORARIES * batch * batch * itemsize
     return max(1, min(batch, _TRIPLET_BLOCK_BYTES // per_anchor))
 
 
-def _triplet_block(d_s, d_t, same, start, stop, tau, margin):
-    """Mask and logits of every (a, p, n) with anchors a in [start, stop): (rows, B, B) each.
+def _bernoulli_kl(x_s, x_t):
+    """KL(Bernoulli(sigmoid(x_t)) || Bernoulli(sigmoid(x_s))), elementwise.
+
+    q log(q/s) + (1-q) log((1-q)/(1-s)) = sp(-x_s) - sp(-x_t) - (1 - q)(x_t - x_s), with
+    q = sigmoid(x_t), s = sigmoid(x_s), sp = softplus: every term stable for any x.
+    """
+    return F.softplus(-x_s).sub_(F.softplus(-x_t)).sub_(torch.sigmoid(-x_t).mul_(x_t - x_s))
+
+
+def _triplet_grid(d_s, d_t, labels, tau, margin):
+    """Yield (rows, mask, x_s, x_t) for blocks of anchors over every (p, n): (R, B, B) each.
 
     The same values as the dense path: x = (d(a, n) - d(a, p)) / tau for the student and the
     teacher, and the semi-hard test 0 < d(a, n) - d(a, p) <= margin on the student's.
     """
-    rows = slice(start, stop)
-    ds, dt, same_a = d_s[rows], d_t[rows], same[rows]
-    gap = ds[:, None, :] - ds[:, :, None]  # [a, p, n] = d(a, n) - d(a, p)
-    anchors = torch.arange(start, stop, device=d_s.device)
-    columns = torch.arange(d_s.shape[1], device=d_s.device)
-    positive = same_a & (columns[None, :] != anchors[:, None])
-    mask = positive[:, :, None] & ~same_a[:, None, :] & (gap > 0) & (gap <= margin)
-    x_s = gap / tau
-    x_t = (dt[:, None, :] - dt[:, :, None]) / tau
-    return mask, x_s, x_t
+    batch = d_s.shape[0]
+    step = _triplet_rows(batch, d_s.element_size())
+    columns = torch.arange(batch, device=d_s.device)
+    for first in range(0, batch, step):
+        rows = slice(first, first + step)
+        ds, dt = d_s[rows], d_t[rows]
+        same = labels[rows, None] == labels[None, :]
+        gap = ds[:, None, :] - ds[:, :, None]  # [a, p, n] = d(a, n) - d(a, p)
+        positive = same & (columns[None, :] != columns[rows, None])
+        mask = positive[:, :, None] & ~same[:, None, :] & (gap > 0) & (gap <= margin)
+        x_t = (dt[:, None, :] - dt[:, :, None]) / tau
+        yield rows, mask, gap.div_(tau), x_t
+
+
+def _triplet_band(d_s, d_t, labels, tau, margin):
+    """Yield (pairs, windows, mask, x_s, x_t) over the semi-hard bands of the sorted rows.
+
+    First yields the sort order and the number of triplets. Then, by chunks: ``pairs`` (P,)
+    are tuples' flat positions q = a * B + i in sorted coordinates; the band of q is the flat
+    range [q - width, q) (same row, positions start_i .. i-1), read through windows
+    [q - W, q) of W = the chunk's widest band: ``windows`` (P,) are the windows' first flat
+    positions in arrays padded with B entries in front, ``mask`` (P, W) marks the semi-hard
+    triplets. Windows of one padded flat array are strided views (unfold): gathering a chunk
+    copies runs, not single entries. Pairs are taken by increasing width, chunks of about
+    _TRIPLET_BAND_ELEMENTS entries. Data-dependent shapes: CPU only.
+    """
+    ranges = sorted_rows(d_s, labels, 0, margin)
+    batch = d_s.shape[0]
+    yield ranges.order, ranges.count.sum()
+
+    def padded(x):
+        return torch.cat([x.new_zeros(batch), x.flatten()])
+
+    v_s = padded(ranges.distance)
+    v_t = padded(d_t.gather(1, ranges.order))
+    negative = padded(ranges.negative)
+    pairs = (ranges.count > 0).flatten().nonzero().squeeze(1)
+    width = (pairs % batch) - ranges.start.flatten()[pairs]  # band length, positives included
+    width, by_width = width.sort()
+    pairs = pairs[by_width]
+    first, total = 0, pairs.numel()
+    while first < total:
+        # as many pairs as keep (pairs x widest band) within the budget, at least one
+        cost = width[first:] * torch.arange(1, total - first + 1)
+        last = first + max(1, int(torch.searchsorted(cost, _TRIPLET_BAND_ELEMENTS, right=True)))
+        q, w = pairs[first:last], width[first:last]
+        span = int(w[-1])
+        windows = q + (batch - span)
+        offsets = torch.arange(span)
+        mask = negative.unfold(0, span, 1).index_select(0, windows)
+        mask &= offsets >= (span - w)[:, None]
+        mask = mask.to(d_s.dtype)  # a float factor: cheaper than masked_fill on CPU
+        x_s = v_s.unfold(0, span, 1).index_select(0, windows).sub_(v_s[q + batch][:, None])
+        x_t = v_t.unfold(0, span, 1).index_select(0, windows).sub_(v_t[q + batch][:, None])
+        yield q, windows, mask, x_s.div_(tau), x_t.div_(tau)
+        first = last
 
 
 @torch.library.custom_op(
     "refilled::triplet_kl_sum",
     mutates_args=(),
-    schema="(Tensor d_s, Tensor d_t, Tensor labels, float tau, float margin) -> (Tensor, Tensor)",
+    schema="(Tensor d_s, Tensor d_t, Tensor labels, float tau, float margin, bool band) "
+    "-> (Tensor, Tensor)",
 )
-def _triplet_kl_sum(d_s, d_t, labels, tau, margin):
-    """Sum over semi-hard triplets of KL(Bernoulli(sigmoid(x_t)) || Bernoulli(sigmoid(x_s))),
-    in float64, and the number of triplets (int64): two 0-d tensors.
+def _triplet_kl_sum(d_s, d_t, labels, tau, margin, band):
+    """Sum over semi-hard triplets of the Bernoulli KL (float64) and the number of triplets
+    (int64): two 0-d tensors. ``band`` picks the strategy (see above; CPU only).
 
-    A custom op: torch.compile sees one node with static output shapes (the blockwise loop
-    runs eagerly inside it, its trip count depending on B only), and autograd keeps no block.
+    A custom op: torch.compile sees one node with static output shapes (the block loop runs
+    eagerly inside it), and autograd keeps no block: the backward op recomputes them.
     """
-    batch = d_s.shape[0]
-    step = _triplet_rows(batch, d_s.element_size())
-    same = labels[:, None] == labels[None, :]
     total = torch.zeros((), dtype=torch.float64, device=d_s.device)
+    if band:
+        chunks = _triplet_band(d_s, d_t, labels, tau, margin)
+        _, count = next(chunks)
+        for _, _, mask, x_s, x_t in chunks:
+            total += _bernoulli_kl(x_s, x_t).mul_(mask).sum().to(torch.float64)
+        return total, count
     count = torch.zeros((), dtype=torch.int64, device=d_s.device)
-    for start in range(0, batch, step):
-        mask, x_s, x_t = _triplet_block(d_s, d_t, same, start, min(batch, start + step), tau, margin)
-        # KL = q log(q/s) + (1-q) log((1-q)/(1-s)) = sp(-x_s) - sp(-x_t) - (1 - q)(x_t - x_s),
-        # q = sigmoid(x_t), s = sigmoid(x_s), sp = softplus; every term stable for any x.
-        kl = F.softplus(-x_s) - F.softplus(-x_t) - torch.sigmoid(-x_t) * (x_t - x_s)
-        total = total + torch.where(mask, kl, torch.zeros_like(kl)).sum().to(torch.float64)
-        count = count + mask.sum()
+    for _, mask, x_s, x_t in _triplet_grid(d_s, d_t, labels, tau, margin):
+        total += _bernoulli_kl(x_s, x_t).masked_fill_(~mask, 0.0).sum().to(torch.float64)
+        count += mask.sum()
     return total, count
 
 
 @_triplet_kl_sum.register_fake
-def _(d_s, d_t, labels, tau, margin):
+def _(d_s, d_t, labels, tau, margin, band):
     return d_s.new_empty((), dtype=torch.float64), d_s.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op(
     "refilled::triplet_kl_grad",
     mutates_args=(),
-    schema="(Tensor grad, Tensor d_s, Tensor d_t, Tensor labels, float tau, float margin) -> Tensor",
+    schema="(Tensor grad, Tensor d_s, Tensor d_t, Tensor labels, float tau, float margin, "
+    "bool band) -> Tensor",
 )
-def _triplet_kl_grad(grad, d_s, d_t, labels, tau, margin):
-    """Gradient of :func:`_triplet_kl_sum`'s sum with respect to d_s, blockwise.
+def _triplet_kl_grad(grad, d_s, d_t, labels, tau, margin, band):
+    """Gradient of :func:`_triplet_kl_sum`'s sum with respect to d_s, by the same blocks.
 
     d KL / d x_s = sigmoid(x_s) - sigmoid(x_t), and x_s = (d(a, n) - d(a, p)) / tau.
     """
-    batch = d_s.shape[0]
-    step = _triplet_rows(batch, d_s.element_size())
-    same = labels[:, None] == labels[None, :]
-    out = torch.zeros_like(d_s)
-    for start in range(0, batch, step):
-        stop = min(batch, start + step)
-        mask, x_s, x_t = _triplet_block(d_s, d_t, same, start, stop, tau, margin)
-        g = torch.where(mask, torch.sigmoid(x_s) - torch.sigmoid(x_t), torch.zeros_like(x_s))
-        out[start:stop] = (g.sum(dim=1) - g.sum(dim=2)) / tau  # as n, minus as p
+    def slope(mask, x_s, x_t):  # mask: bool (grid) or a float factor (band)
+        g = torch.sigmoid(x_s).sub_(torch.sigmoid(x_t))
+        return (g.mul_(mask) if mask.is_floating_point() else g.masked_fill_(~mask, 0.0)).div_(tau)
+
+    if band:
+        chunks = _triplet_band(d_s, d_t, labels, tau, margin)
+        order, _ = next(chunks)
+        batch = d_s.shape[0]
+        sorted_grad = d_s.new_zeros(batch + d_s.numel())  # padded like the band's arrays
+        for pairs, windows, mask, x_s, x_t in chunks:
+            g = slope(mask, x_s, x_t)
+            index = windows[:, None] + torch.arange(g.shape[1])
+            sorted_grad.index_add_(0, index.flatten(), g.flatten())  # as n
+            sorted_grad.index_add_(0, pairs + batch, g.sum(dim=1).neg_())  # as p
+        out = torch.zeros_like(d_s).scatter_(1, order, sorted_grad[batch:].view_as(d_s))
+    else:
+        out = torch.zeros_like(d_s)
+        for rows, mask, x_s, x_t in _triplet_grid(d_s, d_t, labels, tau, margin):
+            g = slope(mask, x_s, x_t)
+            out[rows] = g.sum(dim=1) - g.sum(dim=2)  # as n, minus as p
     return out * grad.to(out.dtype)
 
 
 @_triplet_kl_grad.register_fake
-def _(grad, d_s, d_t, labels, tau, margin):
+def _(grad, d_s, d_t, labels, tau, margin, band):
     return torch.empty_like(d_s)
 
 
 def _triplet_kl_sum_setup(ctx, inputs, output):
-    d_s, d_t, labels, tau, margin = inputs
+    d_s, d_t, labels, tau, margin, band = inputs
     ctx.save_for_backward(d_s, d_t, labels)
-    ctx.tau, ctx.margin = tau, margin
+    ctx.args = (tau, margin, band)
 
 
 def _triplet_kl_sum_backward(ctx, grad_total, grad_count):
     d_s, d_t, labels = ctx.saved_tensors
-    return _triplet_kl_grad(grad_total, d_s, d_t, labels, ctx.tau, ctx.margin), None, None, None, None
+    grad = _triplet_kl_grad(grad_total, d_s, d_t, labels, *ctx.args)
+    return grad, None, None, None, None, None
 
 
 _triplet_kl_sum.register_autograd(_triplet_kl_sum_backward, setup_context=_triplet_kl_sum_setup)
@@ -355,7 +434,8 @@ def relation_matching_terms(
     if mode == "tuple":
         total, num_tuples = _TupleKL.apply(d_s, d_t, labels, float(tau), float(margin))
     else:
-        total, num_tuples = _triplet_kl_sum(d_s, d_t.detach(), labels, float(tau), float(margin))
+        band = d_s.device.type == "cpu" if _TRIPLET_BAND is None else _TRIPLET_BAND
+        total, num_tuples = _triplet_kl_sum(d_s, d_t, labels, float(tau), float(margin), band)
     loss = (total / num_tuples.clamp_min(1)).to(d_s.dtype)
     return scale * loss, num_tuples
 

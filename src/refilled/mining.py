@@ -148,6 +148,7 @@ class SortedRanges(NamedTuple):
 
     Attributes:
         order: int64, the column at each position; ``d(a, order[a, i])`` is non-increasing in i.
+        distance: ``d(a, order[a, i])``, the sorted row itself (the input's dtype).
         negative: bool, column ``order[a, i]`` has another label than a.
         positive: bool, column ``order[a, i]`` has a's label and is not a itself.
         start: int64; for a positive at position i, its semi-hard negatives are exactly the
@@ -156,6 +157,7 @@ class SortedRanges(NamedTuple):
     """
 
     order: torch.Tensor
+    distance: torch.Tensor
     negative: torch.Tensor
     positive: torch.Tensor
     start: torch.Tensor
@@ -230,7 +232,7 @@ def sorted_rows(
     start = torch.minimum(start, positions)  # only a negative margin goes past i
     negatives_before = F.pad(negative.to(torch.int64).cumsum(1), (1, 0))
     count = (negatives_before[:, :batch] - negatives_before.gather(1, start)) * positive
-    return SortedRanges(order, negative, positive, start, count)
+    return SortedRanges(order, values, negative, positive, start, count)
 
 
 @torch.no_grad()
