@@ -54,6 +54,12 @@ def sorted_sets(dist, labels, margin):
     return out
 
 
+@pytest.fixture(autouse=True)
+def sorted_path_always(monkeypatch):
+    """These tests exercise the sorted path: no dense dispatch for few-tuple CPU batches."""
+    monkeypatch.setattr(losses, "_DENSE_TUPLES_PER_ANCHOR", 0)
+
+
 # ---------------------------------------------------------------- mining
 
 
@@ -270,6 +276,24 @@ def test_from_tuples_is_the_dense_loss_on_given_tuples():
         relation_matching_from_tuples(student, teacher, *tuples, mode="pairs")
 
 
+def test_few_tuple_cpu_batches_take_the_dense_path_in_eager_only(monkeypatch):
+    monkeypatch.setattr(losses, "_DENSE_TUPLES_PER_ANCHOR", 4)
+    student, teacher, labels = make_batch(64, 100, 8, torch.float64, seed=5)  # T ~ 0.6 B
+    crowded = torch.arange(64) % 4  # T = 15 B
+    d_s = normalized_distances(student)
+    assert losses._few_tuples(d_s, labels) and not losses._few_tuples(d_s, crowded)
+
+    def sorted_path(*args):
+        raise AssertionError("sorted path")
+
+    monkeypatch.setattr(losses._TupleKL, "apply", sorted_path)
+    loss, num = relation_matching_terms(student, teacher, labels, margin=0.5)
+    ref, ref_num = _relation_terms_dense(student, teacher, labels, margin=0.5)
+    assert (loss.item(), num.item()) == (ref.item(), ref_num.item())
+    with pytest.raises(AssertionError, match="sorted path"):
+        relation_matching_terms(student, teacher, crowded, margin=0.5)
+
+
 # ---------------------------------------------------------------- memory ~ B^2
 
 
@@ -319,6 +343,19 @@ def test_relation_matching_traces_without_graph_break(mode):
     loss.backward()
     ref.backward()
     torch.testing.assert_close(s_comp.grad, s_eager.grad)
+    torch._dynamo.reset()
+
+
+def test_few_tuple_batches_still_trace(monkeypatch):
+    # the dense dispatch reads T on the host; under torch.compile it must not be taken
+    monkeypatch.setattr(losses, "_DENSE_TUPLES_PER_ANCHOR", 4)
+    student, teacher, labels = make_batch(32, 30, 6, torch.float32, seed=9)
+    loss, num = compiled(lambda s, t, y: relation_matching_terms(s, t, y, margin=0.5))(
+        student, teacher, labels
+    )
+    ref, ref_num = _relation_terms_dense(student, teacher, labels, margin=0.5)
+    assert num.item() == ref_num.item()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     torch._dynamo.reset()
 
 

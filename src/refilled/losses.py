@@ -48,10 +48,10 @@ def _masked_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: to
 # Training path (relation_matching_terms): no tuple is ever listed. Each anchor's row of student
 # distances is sorted once (refilled.mining.sorted_semihard_ranges); in that order the semi-hard
 # negatives of a pair (a, p) are the negatives of one contiguous range of positions. The tuple
-# KL needs only three sums over that range (suffix sums in float64), so the tuple mode costs
-# O(B^2 log B) time and O(B^2) memory. The triplet mode is not separable that way: it runs
-# blockwise over anchors in a custom op (forward and backward), O(B^3) time and bounded memory.
-# All shapes depend on the batch size only: no nonzero, no .item(), no host sync.
+# KL needs only three sums over that range (float64 prefix sums from the far end), so the tuple
+# mode costs O(B^2 log B) time and O(B^2) memory. The triplet mode is not separable that way:
+# it runs blockwise in a custom op (forward and backward). All shapes in the graph depend on the
+# batch size only: no nonzero, no .item(), no host sync.
 #
 # Reference path (relation_matching_from_tuples, _relation_terms_dense): the dense (T x B)
 # formulation on explicit tuples, kept as the implementation the fast path is tested against.
@@ -92,65 +92,49 @@ def _graph_zero(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum() * 0.0
 
 
-def _exp_sorted(d_rows, order, tau):
-    """exp(-d / tau) of rows of distances, in the rows' sorted order, float64."""
-    return d_rows.gather(1, order).to(torch.float64).mul_(-1.0 / tau).exp_()
-
-
-def _tuple_kl_rows(d_s, d_t, ranges, valid, tau):
-    """Tuple KLs of a block of anchors, in sorted coordinates: (sum over tuples, 1/ZT, 1/ZS).
+def _tuple_kl_rows(d_t, ranges, valid, tau):
+    """Tuple KLs of a block of anchors, in sorted coordinates: the sum over tuples, and what
+    the backward needs: (negatives as a float64 mask, [eT, eS], [1/ZT, 1/ZS] on tuples).
 
     In a's row sorted by decreasing distance (:class:`~refilled.mining.SortedRanges`), the
     tuple of the positive at position i is {i} + the negatives among positions start_i .. i-1.
     With e_j = exp(-d(a, j) / tau) and c_j = eT_j (dS_j - dT_j):
         KL_i = W_i / (tau ZT_i) + log(ZS_i / ZT_i),  Z_i = e_i + sum_range e,  W_i = c_i + sum_range c.
     Each range sum is a difference of two exclusive prefix sums over the row's negatives,
-    accumulated from the far end (small terms first), so its rounding error stays within about B ulps of its own value. Distances
-    of normalised vectors lie in [0, 2]: exp(-d / tau) needs no shift (for tau above ~0.003).
-    The 1/Z are returned masked to the tuples, for the backward. In-place steps: on CPU a
-    fresh buffer costs more than the arithmetic.
+    accumulated from the far end (small terms first), so its rounding error stays within about
+    B ulps of its own value. Distances of normalised vectors lie in [0, 2]: exp(-d / tau) needs
+    no shift (for tau above ~0.003). The three sums run stacked, (3, R, B), and in place: at
+    small B every op's fixed cost counts, at large B every fresh buffer's page faults do.
     """
-    order, negative, start = ranges.order, ranges.negative, ranges.start
-    v_s = ranges.distance.to(torch.float64)  # d_s in sorted order
-    v_t = d_t.gather(1, order).to(torch.float64)
-    e_t = v_t.mul(-1.0 / tau).exp_()
-    e_s = v_s.mul(-1.0 / tau).exp_()
-    cross = v_s.sub_(v_t).mul_(e_t)  # eT (dS - dT), in v_s's buffer
+    order, start = ranges.order, ranges.start
+    v = torch.stack([d_t.gather(1, order), ranges.distance]).to(torch.float64)  # [dT, dS]
+    e = v.mul(-1.0 / tau).exp_()  # [eT, eS]
+    terms = torch.cat([e, v[1].sub_(v[0]).mul_(e[0])[None]])  # [eT, eS, eT (dS - dT)]
     # Masks as float factors: on CPU, masked_fill / where with a scattered mask cost several
     # times a multiplication. (Entries off the mask are finite, so 0 * x is 0.)
-    neg = negative.to(torch.float64)
+    neg = ranges.negative.to(torch.float64)
     on_tuple = valid.to(torch.float64)
-
-    def with_range(x):
-        # Exclusive prefix sums over the negatives (start_i <= i < B is a valid index).
-        masked = x * neg
-        prefix = masked.cumsum(1).sub_(masked)
-        return prefix.sub_(prefix.gather(1, start)).add_(x)
-
-    z_t, z_s, w = with_range(e_t), with_range(e_s), with_range(cross)
-    kl = w.div_(z_t).mul_(1.0 / tau).add_(z_s.div(z_t).log_())
-    inv_t = z_t.reciprocal_().mul_(on_tuple)
-    inv_s = z_s.reciprocal_().mul_(on_tuple)
-    return kl.mul_(on_tuple).sum(), inv_t, inv_s
+    masked = terms * neg
+    prefix = masked.cumsum(2).sub_(masked)  # exclusive; start_i <= i < B is a valid index
+    z = prefix.sub_(prefix.gather(2, start.expand_as(prefix))).add_(terms)  # [ZT, ZS, W]
+    kl = z[2].div_(z[0]).mul_(1.0 / tau).add_(z[1].div(z[0]).log_())
+    inv = z[:2].reciprocal_().mul_(on_tuple)
+    return kl.mul_(on_tuple).sum(), (neg, e, inv)
 
 
-def _tuple_grad_rows(d_s, d_t, order, negative, start, inv_t, inv_s, tau):
+def _tuple_grad_rows(start, neg, e, inv, tau):
     """d (sum of tuple KLs) / d d_s for a block of anchors, in sorted coordinates (float64).
 
     dKL_i / d dS_j = (eT_j / ZT_i - eS_j / ZS_i) / tau for j = i and for each negative j in
     i's range; a negative's gradient sums 1/Z over the pairs whose range covers it, which is a
-    difference array (+ at start_i, - at i) and one prefix sum.
+    difference array (+ at start_i, - at i) and one prefix sum ([T, S] stacked).
     """
-    batch = order.shape[1]
-    neg = negative.to(torch.float64)
-
-    def covered(inv):  # inv_j + [j negative] * sum of inv_i over pairs with start_i <= j < i
-        diff = inv.new_zeros(inv.shape[0], batch + 1).scatter_add_(1, start, inv)
-        diff[:, :batch].sub_(inv)
-        return diff.cumsum_(1)[:, :batch].mul_(neg).add_(inv)
-
-    g_t = covered(inv_t).mul_(_exp_sorted(d_t, order, tau))
-    return g_t.sub_(covered(inv_s).mul_(_exp_sorted(d_s, order, tau))).mul_(1.0 / tau)
+    batch = start.shape[1]
+    diff = inv.new_zeros(2, start.shape[0], batch + 1).scatter_add_(2, start.expand_as(inv), inv)
+    diff[:, :, :batch].sub_(inv)
+    # covered_j = inv_j + [j negative] * sum of inv_i over the pairs with start_i <= j < i
+    covered = diff.cumsum_(2)[:, :, :batch].mul_(neg).add_(inv).mul_(e)
+    return covered[0].sub_(covered[1]).mul_(1.0 / tau)
 
 
 class _TupleKL(torch.autograd.Function):
@@ -174,26 +158,23 @@ class _TupleKL(torch.autograd.Function):
             rows = slice(first, first + step)
             ranges = sorted_rows(d_s[rows], labels, first, margin)
             valid = ranges.count > 0
-            kl, inv_t, inv_s = _tuple_kl_rows(d_s[rows], d_t[rows], ranges, valid, tau)
+            kl, for_backward = _tuple_kl_rows(d_t[rows], ranges, valid, tau)
             total, count = total + kl, count + valid.sum()
-            kept += [ranges.order, ranges.negative, ranges.start, inv_t, inv_s]
+            kept += [ranges.order, ranges.start, *for_backward]
         # Kept block by block (a fixed number of blocks): no copy into (B, B) buffers.
-        ctx.save_for_backward(d_s, d_t, *kept)
-        ctx.tau, ctx.step = tau, step
+        ctx.save_for_backward(*kept)
+        ctx.tau, ctx.dtype = tau, d_s.dtype
         ctx.mark_non_differentiable(count)
         return total, count
 
     @staticmethod
     def backward(ctx, grad_total, grad_count):
-        d_s, d_t, *kept = ctx.saved_tensors
-        out = []
-        for block, first in enumerate(range(0, d_s.shape[0], ctx.step)):
-            rows = slice(first, first + ctx.step)
-            order, negative, start, inv_t, inv_s = kept[5 * block:5 * block + 5]
-            g = _tuple_grad_rows(d_s[rows], d_t[rows], order, negative, start, inv_t, inv_s,
-                                 ctx.tau)
-            out.append(torch.zeros_like(g).scatter_(1, order, g).to(d_s.dtype))
-        return torch.cat(out) * grad_total.to(d_s.dtype), None, None, None, None
+        kept, out = ctx.saved_tensors, []
+        for block in range(0, len(kept), 5):
+            order, start, *for_backward = kept[block:block + 5]
+            g = _tuple_grad_rows(start, *for_backward, ctx.tau)
+            out.append(torch.zeros_like(g).scatter_(1, order, g).to(ctx.dtype))
+        return torch.cat(out) * grad_total.to(ctx.dtype), None, None, None, None
 
 
 # Triplet mode. Each (a, p, n) is its own binary distribution, so the loss is a sum over
@@ -374,6 +355,24 @@ def _triplet_kl_sum_backward(ctx, grad_total, grad_count):
 _triplet_kl_sum.register_autograd(_triplet_kl_sum_backward, setup_context=_triplet_kl_sum_setup)
 
 
+# On CPU in eager mode, batches with few positive pairs (T <= _DENSE_TUPLES_PER_ANCHOR * B, e.g.
+# 128 images of 100 classes) are cheaper on the dense (T x B) path: its T x B tensors are then
+# at most a few B^2 entries, so memory still grows like B^2, while a sort of every row costs
+# more. Measured crossover on this project's CPU: T ~ 5 B at B = 128 .. 512. Under
+# torch.compile and on accelerators the sorted path always runs (static shapes, no host
+# read). 0 switches the dense dispatch off.
+_DENSE_TUPLES_PER_ANCHOR = 4
+
+
+def _few_tuples(d_s, labels):
+    """True when the dense path is the cheaper one (CPU, eager, T <= k B); reads T on the host,
+    which on CPU is no device sync."""
+    if _DENSE_TUPLES_PER_ANCHOR <= 0 or d_s.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    sizes = torch.bincount(labels)
+    return int((sizes * (sizes - 1)).sum()) <= _DENSE_TUPLES_PER_ANCHOR * labels.numel()
+
+
 def _check_relation_args(student_emb, teacher_emb, labels, tau, mode):
     if mode not in RELATION_MODES:
         raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
@@ -412,9 +411,12 @@ def relation_matching_terms(
     ``scale * mean KL(P_T || P_S)`` over tuples (resp. triplets).
 
     No tuple is listed: the tuple mode works on sorted rows and range sums (O(B^2 log B) time,
-    O(B^2) memory), the triplet mode blockwise over anchors (O(B^3) time, bounded memory). Every
-    shape depends on B only, so this traces with ``torch.compile(fullgraph=True)`` and never
-    syncs with the host. The same tuples and values as :func:`relation_matching_from_tuples` on
+    O(B^2) memory); the triplet mode is a custom op, blockwise over anchors (O(B^3) time on
+    accelerators, O(#triplets) on CPU, bounded memory). Every shape in the graph depends on B
+    only, so this traces with ``torch.compile(fullgraph=True)`` and never syncs with the host.
+    (On CPU in eager mode, a batch with few positive pairs, T <= 4 B, takes the dense path,
+    which is then cheaper and still O(B^2) in memory; see ``_DENSE_TUPLES_PER_ANCHOR``.)
+    The same tuples and values as :func:`relation_matching_from_tuples` on
     :func:`refilled.mining.semihard_tuples` (to float rounding; the sums here are float64).
 
     Args:
@@ -431,6 +433,9 @@ def relation_matching_terms(
     _check_relation_args(student_emb, teacher_emb, labels, tau, mode)
     d_s, d_t = _stage1_distances(student_emb, teacher_emb, fast=True)
     labels = labels.reshape(-1)
+    if mode == "tuple" and _few_tuples(d_s, labels):
+        anchor, positive, neg_mask = candidate_tuples(d_s, labels, margin)
+        return _relation_from_tuples(d_s, d_t, anchor, positive, neg_mask, tau, mode, scale)
     if mode == "tuple":
         total, num_tuples = _TupleKL.apply(d_s, d_t, labels, float(tau), float(margin))
     else:

@@ -61,8 +61,12 @@ class _ExactDistances(torch.autograd.Function):
         x, dist = ctx.saved_tensors
         acc, batch = torch.float64, x.shape[0]
         x_acc = x.to(acc)
-        col_sums, transposed, out = x_acc.new_zeros(batch), torch.zeros_like(x_acc), []
         step = row_block(batch)
+        if step >= batch:  # one block: the plain formula, fewer ops
+            w = grad.to(acc, copy=True).div_(dist).masked_fill_(dist == 0, 0.0)
+            w = w + w.T
+            return (x_acc * w.sum(dim=1, keepdim=True) - w @ x_acc).to(x.dtype)
+        col_sums, transposed, out = x_acc.new_zeros(batch), torch.zeros_like(x_acc), []
         for first in range(0, batch, step):  # W in row blocks: no (B, B) float64 buffer
             rows = slice(first, first + step)
             w = grad[rows].to(acc, copy=True).div_(dist[rows]).masked_fill_(dist[rows] == 0, 0.0)
@@ -177,20 +181,31 @@ def _sort_key(dist: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return key.view(torch.int64).mul_(2).add_(same)
 
 
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
 def _margin_bound(dist: torch.Tensor, margin: float, steps: int = 1) -> torch.Tensor:
     """The largest float t (in ``dist``'s dtype) with ``(t - d) <= margin`` for each entry d.
 
     The dense miner tests ``gap = d(a, n) - d(a, p)`` against the margin in the distance's own
     dtype. That rounded difference is non-decreasing in d(a, n), so the negatives it accepts
     are exactly those with d(a, n) <= t. ``d + margin`` is within an ulp of t: ``steps``
-    ``nextafter`` steps down, then up, land on it (one each way suffices; the tests check
-    it on random bit patterns of every binade).
+    one-ulp steps down, then up, land on it (one each way suffices; the tests check it on
+    random bit patterns of every binade). For t > 0 an ulp step is +-1 on the bit pattern
+    (cheaper than torch.nextafter); a margin <= 0 takes nextafter.
     """
     t = dist + margin
+    bits = _BITS.get(t.dtype) if margin > 0 else None
+
+    def step(x, sign):
+        if bits is None:
+            return torch.nextafter(x, x.new_full((), sign * float("inf")))
+        return (x.view(bits) + sign).view(x.dtype)
+
     for _ in range(steps):
-        t = torch.where((t - dist) <= margin, t, torch.nextafter(t, t.new_full((), float("-inf"))))
+        t = torch.where((t - dist) <= margin, t, step(t, -1))
     for _ in range(steps):
-        up = torch.nextafter(t, t.new_full((), float("inf")))
+        up = step(t, 1)
         t = torch.where((up - dist) <= margin, up, t)
     return t
 
@@ -220,9 +235,10 @@ def sorted_rows(
             f"{labels.numel()} labels"
         )
     same = labels[first:first + rows, None] == labels[None, :]
-    order = _sort_key(dist_rows, same).argsort(dim=1, descending=True)
-    values = dist_rows.gather(1, order)
-    negative = ~same.gather(1, order)
+    key, order = _sort_key(dist_rows, same).sort(dim=1, descending=True)
+    # the sorted keys hold the sorted distances and flags: no gather needed
+    values = (key >> 1).view(torch.float64).mul_(4.0).to(dist_rows.dtype)
+    negative = (key & 1) == 0
     anchors = torch.arange(first, first + rows, device=dist_rows.device)
     positive = ~negative & (order != anchors[:, None])
     # start = the number of columns farther than the bound; the negated rows are ascending,
