@@ -185,7 +185,7 @@ class _TupleKL(torch.autograd.Function):
 #   triplets of pair i are the negatives among positions start_i .. i-1, so only those bands
 #   are visited, in chunks of about _TRIPLET_BAND_ELEMENTS entries: O(#triplets) work.
 _TRIPLET_BLOCK_BYTES = 64 << 20
-_TRIPLET_TEMPORARIES = 8  # (rows, B, B) tensors alive at once in _triplet_grid_block, at most
+_TRIPLET_TEMPORARIES = 8  # (rows, B, B) tensors alive at once in a _triplet_grid block, at most
 _TRIPLET_BAND_ELEMENTS = 1 << 20
 _TRIPLET_BAND = None  # None: "band" on CPU, "grid" elsewhere; True / False force one (tests)
 
