@@ -35,6 +35,26 @@ def _masked_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: to
     return torch.where(mask, terms, torch.zeros_like(terms)).sum(dim=1)
 
 
+# ---------------------------------------------------------------- stage 1 (SPEC §2)
+#
+# Training path (relation_matching_terms): no tuple is ever listed. Each anchor's row of student
+# distances is sorted once (refilled.mining.sorted_semihard_ranges); in that order the semi-hard
+# negatives of a pair (a, p) are the negatives of one contiguous range of positions. The tuple
+# KL needs only three sums over that range (float64 prefix sums from the far end), so the tuple
+# mode costs O(B^2 log B) time and O(B^2) memory. The triplet mode is not separable that way:
+# it runs blockwise in a custom op (forward and backward). All shapes in the graph depend on the
+# batch size only: no nonzero, no .item(), no host sync.
+#
+# Reference path (relation_matching_from_tuples, _relation_terms_dense): the dense (T x B)
+# formulation on explicit tuples, kept as the implementation the fast path is tested against.
+
+from refilled.mining import (  # noqa: E402  (stage 1's training path)
+    normalized_distances_fast,
+    row_block,
+    sorted_rows,
+)
+
+
 def _tuple_kl(d_s, d_t, anchor, positive, neg_mask, tau):
     """KL(P_T || P_S) of every tuple, on dense (T, B) rows; masked entries weigh exactly 0.
 
@@ -64,6 +84,305 @@ def _graph_zero(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum() * 0.0
 
 
+def _tuple_kl_rows(d_t, ranges, valid, tau):
+    """Tuple KLs of a block of anchors, in sorted coordinates: the sum over tuples, and what
+    the backward needs: (negatives as a float64 mask, [eT, eS], [1/ZT, 1/ZS] on tuples).
+
+    In a's row sorted by decreasing distance (:class:`~refilled.mining.SortedRanges`), the
+    tuple of the positive at position i is {i} + the negatives among positions start_i .. i-1.
+    With e_j = exp(-d(a, j) / tau) and c_j = eT_j (dS_j - dT_j):
+        KL_i = W_i / (tau ZT_i) + log(ZS_i / ZT_i),  Z_i = e_i + sum_range e,  W_i = c_i + sum_range c.
+    Each range sum is a difference of two exclusive prefix sums over the row's negatives,
+    accumulated from the far end (small terms first), so its rounding error stays within about
+    B ulps of its own value. Distances of normalised vectors lie in [0, 2]: exp(-d / tau) needs
+    no shift (for tau above ~0.003). The three sums run stacked, (3, R, B), and in place: at
+    small B every op's fixed cost counts, at large B every fresh buffer's page faults do.
+    """
+    order, start = ranges.order, ranges.start
+    v = torch.stack([d_t.gather(1, order), ranges.distance]).to(torch.float64)  # [dT, dS]
+    e = v.mul(-1.0 / tau).exp_()  # [eT, eS]
+    terms = torch.cat([e, v[1].sub_(v[0]).mul_(e[0])[None]])  # [eT, eS, eT (dS - dT)]
+    # Masks as float factors: on CPU, masked_fill / where with a scattered mask cost several
+    # times a multiplication. (Entries off the mask are finite, so 0 * x is 0.)
+    neg = ranges.negative.to(torch.float64)
+    on_tuple = valid.to(torch.float64)
+    masked = terms * neg
+    prefix = masked.cumsum(2).sub_(masked)  # exclusive; start_i <= i < B is a valid index
+    z = prefix.sub_(prefix.gather(2, start.expand_as(prefix))).add_(terms)  # [ZT, ZS, W]
+    kl = z[2].div_(z[0]).mul_(1.0 / tau).add_(z[1].div(z[0]).log_())
+    inv = z[:2].reciprocal_().mul_(on_tuple)
+    return kl.mul_(on_tuple).sum(), (neg, e, inv)
+
+
+def _tuple_grad_rows(start, neg, e, inv, tau):
+    """d (sum of tuple KLs) / d d_s for a block of anchors, in sorted coordinates (float64).
+
+    dKL_i / d dS_j = (eT_j / ZT_i - eS_j / ZS_i) / tau for j = i and for each negative j in
+    i's range; a negative's gradient sums 1/Z over the pairs whose range covers it, which is a
+    difference array (+ at start_i, - at i) and one prefix sum ([T, S] stacked).
+    """
+    batch = start.shape[1]
+    diff = inv.new_zeros(2, start.shape[0], batch + 1).scatter_add_(2, start.expand_as(inv), inv)
+    diff[:, :, :batch].sub_(inv)
+    # covered_j = inv_j + [j negative] * sum of inv_i over the pairs with start_i <= j < i
+    covered = diff.cumsum_(2)[:, :, :batch].mul_(neg).add_(inv).mul_(e)
+    return covered[0].sub_(covered[1]).mul_(1.0 / tau)
+
+
+class _TupleKL(torch.autograd.Function):
+    """(sum over tuples of KL(P_T || P_S), number of tuples) from the distance matrices.
+
+    Mining (:func:`refilled.mining.sorted_rows`) and the range-sum KL run in blocks of anchor
+    rows; what the backward needs is kept for all rows (sort order, ranges, masked 1/Z), and
+    the gradient is written by hand (autograd would keep every intermediate). O(B^2 log B)
+    time, O(B^2) memory, a block loop whose length depends on B only.
+    """
+
+    @staticmethod
+    def forward(ctx, d_s, d_t, labels, tau, margin):
+        batch = d_s.shape[0]
+        d_s, d_t = d_s.detach(), d_t.detach()
+        total = torch.zeros((), dtype=torch.float64, device=d_s.device)
+        count = torch.zeros((), dtype=torch.int64, device=d_s.device)
+        kept = []
+        step = row_block(batch)
+        for first in range(0, batch, step):
+            rows = slice(first, first + step)
+            ranges = sorted_rows(d_s[rows], labels, first, margin)
+            valid = ranges.count > 0
+            kl, for_backward = _tuple_kl_rows(d_t[rows], ranges, valid, tau)
+            total, count = total + kl, count + valid.sum()
+            kept += [ranges.order, ranges.start, *for_backward]
+        # Kept block by block (a fixed number of blocks): no copy into (B, B) buffers.
+        ctx.save_for_backward(*kept)
+        ctx.tau, ctx.dtype = tau, d_s.dtype
+        ctx.mark_non_differentiable(count)
+        return total, count
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_count):
+        kept, out = ctx.saved_tensors, []
+        for block in range(0, len(kept), 5):
+            order, start, *for_backward = kept[block:block + 5]
+            g = _tuple_grad_rows(start, *for_backward, ctx.tau)
+            out.append(torch.zeros_like(g).scatter_(1, order, g).to(ctx.dtype))
+        return torch.cat(out) * grad_total.to(ctx.dtype), None, None, None, None
+
+
+# Triplet mode. Each (a, p, n) is its own binary distribution, so the loss is a sum over
+# triplets, not separable into range sums. Two blockwise strategies, one custom op each way:
+# - "grid" (any device, no data-dependent shape): blocks of anchors x all (p, n), O(B^3) work,
+#   about _TRIPLET_BLOCK_BYTES of temporaries at a time (see _triplet_rows);
+# - "band" (CPU, where no host sync exists to avoid): in each anchor's sorted row the
+#   triplets of pair i are the negatives among positions start_i .. i-1, so only those bands
+#   are visited, in chunks of about _TRIPLET_BAND_ELEMENTS entries: O(#triplets) work.
+_TRIPLET_BLOCK_BYTES = 64 << 20
+_TRIPLET_TEMPORARIES = 8  # (rows, B, B) tensors alive at once in a _triplet_grid block, at most
+_TRIPLET_BAND_ELEMENTS = 1 << 20
+_TRIPLET_BAND = None  # None: "band" on CPU, "grid" elsewhere; True / False force one (tests)
+
+
+def _triplet_rows(batch: int, itemsize: int) -> int:
+    """Anchors per grid block: as many as fit the byte budget, at least 1 (no more than B)."""
+    per_anchor = _TRIPLET_TEMPORARIES * batch * batch * itemsize
+    return max(1, min(batch, _TRIPLET_BLOCK_BYTES // per_anchor))
+
+
+def _bernoulli_kl(x_s, x_t):
+    """KL(Bernoulli(sigmoid(x_t)) || Bernoulli(sigmoid(x_s))), elementwise.
+
+    q log(q/s) + (1-q) log((1-q)/(1-s)) = sp(-x_s) - sp(-x_t) - (1 - q)(x_t - x_s), with
+    q = sigmoid(x_t), s = sigmoid(x_s), sp = softplus: every term stable for any x.
+    """
+    return F.softplus(-x_s).sub_(F.softplus(-x_t)).sub_(torch.sigmoid(-x_t).mul_(x_t - x_s))
+
+
+def _triplet_grid(d_s, d_t, labels, tau, margin):
+    """Yield (rows, mask, x_s, x_t) for blocks of anchors over every (p, n): (R, B, B) each.
+
+    The same values as the dense path: x = (d(a, n) - d(a, p)) / tau for the student and the
+    teacher, and the semi-hard test 0 < d(a, n) - d(a, p) <= margin on the student's.
+    """
+    batch = d_s.shape[0]
+    step = _triplet_rows(batch, d_s.element_size())
+    columns = torch.arange(batch, device=d_s.device)
+    for first in range(0, batch, step):
+        rows = slice(first, first + step)
+        ds, dt = d_s[rows], d_t[rows]
+        same = labels[rows, None] == labels[None, :]
+        gap = ds[:, None, :] - ds[:, :, None]  # [a, p, n] = d(a, n) - d(a, p)
+        positive = same & (columns[None, :] != columns[rows, None])
+        mask = positive[:, :, None] & ~same[:, None, :] & (gap > 0) & (gap <= margin)
+        x_t = (dt[:, None, :] - dt[:, :, None]) / tau
+        yield rows, mask, gap.div_(tau), x_t
+
+
+def _triplet_band(d_s, d_t, labels, tau, margin):
+    """Yield (pairs, windows, mask, x_s, x_t) over the semi-hard bands of the sorted rows.
+
+    First yields the sort order and the number of triplets. Then, by chunks: ``pairs`` (P,)
+    are tuples' flat positions q = a * B + i in sorted coordinates; the band of q is the flat
+    range [q - width, q) (same row, positions start_i .. i-1), read through windows
+    [q - W, q) of W = the chunk's widest band: ``windows`` (P,) are the windows' first flat
+    positions in arrays padded with B entries in front, ``mask`` (P, W) marks the semi-hard
+    triplets. Windows of one padded flat array are strided views (unfold): gathering a chunk
+    copies runs, not single entries. Pairs are taken by increasing width, chunks of about
+    _TRIPLET_BAND_ELEMENTS entries. Data-dependent shapes: CPU only.
+    """
+    ranges = sorted_rows(d_s, labels, 0, margin)
+    batch = d_s.shape[0]
+    yield ranges.order, ranges.count.sum()
+
+    def padded(x):
+        return torch.cat([x.new_zeros(batch), x.flatten()])
+
+    v_s = padded(ranges.distance)
+    v_t = padded(d_t.gather(1, ranges.order))
+    negative = padded(ranges.negative)
+    pairs = (ranges.count > 0).flatten().nonzero().squeeze(1)
+    width = (pairs % batch) - ranges.start.flatten()[pairs]  # band length, positives included
+    width, by_width = width.sort()
+    pairs = pairs[by_width]
+    first, total = 0, pairs.numel()
+    while first < total:
+        # as many pairs as keep (pairs x widest band) within the budget, at least one
+        cost = width[first:] * torch.arange(1, total - first + 1)
+        last = first + max(1, int(torch.searchsorted(cost, _TRIPLET_BAND_ELEMENTS, right=True)))
+        q, w = pairs[first:last], width[first:last]
+        span = int(w[-1])
+        windows = q + (batch - span)
+        offsets = torch.arange(span)
+        mask = negative.unfold(0, span, 1).index_select(0, windows)
+        mask &= offsets >= (span - w)[:, None]
+        mask = mask.to(d_s.dtype)  # a float factor: cheaper than masked_fill on CPU
+        x_s = v_s.unfold(0, span, 1).index_select(0, windows).sub_(v_s[q + batch][:, None])
+        x_t = v_t.unfold(0, span, 1).index_select(0, windows).sub_(v_t[q + batch][:, None])
+        yield q, windows, mask, x_s.div_(tau), x_t.div_(tau)
+        first = last
+
+
+@torch.library.custom_op(
+    "refilled::triplet_kl_sum",
+    mutates_args=(),
+    schema="(Tensor d_s, Tensor d_t, Tensor labels, float tau, float margin, bool band) "
+    "-> (Tensor, Tensor)",
+)
+def _triplet_kl_sum(d_s, d_t, labels, tau, margin, band):
+    """Sum over semi-hard triplets of the Bernoulli KL (float64) and the number of triplets
+    (int64): two 0-d tensors. ``band`` picks the strategy (see above; CPU only).
+
+    A custom op: torch.compile sees one node with static output shapes (the block loop runs
+    eagerly inside it), and autograd keeps no block: the backward op recomputes them.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=d_s.device)
+    if band:
+        chunks = _triplet_band(d_s, d_t, labels, tau, margin)
+        _, count = next(chunks)
+        for _, _, mask, x_s, x_t in chunks:
+            total += _bernoulli_kl(x_s, x_t).mul_(mask).sum().to(torch.float64)
+        return total, count
+    count = torch.zeros((), dtype=torch.int64, device=d_s.device)
+    for _, mask, x_s, x_t in _triplet_grid(d_s, d_t, labels, tau, margin):
+        total += _bernoulli_kl(x_s, x_t).masked_fill_(~mask, 0.0).sum().to(torch.float64)
+        count += mask.sum()
+    return total, count
+
+
+@_triplet_kl_sum.register_fake
+def _(d_s, d_t, labels, tau, margin, band):
+    return d_s.new_empty((), dtype=torch.float64), d_s.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op(
+    "refilled::triplet_kl_grad",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor d_s, Tensor d_t, Tensor labels, float tau, float margin, "
+    "bool band) -> Tensor",
+)
+def _triplet_kl_grad(grad, d_s, d_t, labels, tau, margin, band):
+    """Gradient of :func:`_triplet_kl_sum`'s sum with respect to d_s, by the same blocks.
+
+    d KL / d x_s = sigmoid(x_s) - sigmoid(x_t), and x_s = (d(a, n) - d(a, p)) / tau.
+    """
+    def slope(mask, x_s, x_t):  # mask: bool (grid) or a float factor (band)
+        g = torch.sigmoid(x_s).sub_(torch.sigmoid(x_t))
+        return (g.mul_(mask) if mask.is_floating_point() else g.masked_fill_(~mask, 0.0)).div_(tau)
+
+    if band:
+        chunks = _triplet_band(d_s, d_t, labels, tau, margin)
+        order, _ = next(chunks)
+        batch = d_s.shape[0]
+        sorted_grad = d_s.new_zeros(batch + d_s.numel())  # padded like the band's arrays
+        for pairs, windows, mask, x_s, x_t in chunks:
+            g = slope(mask, x_s, x_t)
+            index = windows[:, None] + torch.arange(g.shape[1])
+            sorted_grad.index_add_(0, index.flatten(), g.flatten())  # as n
+            sorted_grad.index_add_(0, pairs + batch, g.sum(dim=1).neg_())  # as p
+        out = torch.zeros_like(d_s).scatter_(1, order, sorted_grad[batch:].view_as(d_s))
+    else:
+        out = torch.zeros_like(d_s)
+        for rows, mask, x_s, x_t in _triplet_grid(d_s, d_t, labels, tau, margin):
+            g = slope(mask, x_s, x_t)
+            out[rows] = g.sum(dim=1) - g.sum(dim=2)  # as n, minus as p
+    return out * grad.to(out.dtype)
+
+
+@_triplet_kl_grad.register_fake
+def _(grad, d_s, d_t, labels, tau, margin, band):
+    return torch.empty_like(d_s)
+
+
+def _triplet_kl_sum_setup(ctx, inputs, output):
+    d_s, d_t, labels, tau, margin, band = inputs
+    ctx.save_for_backward(d_s, d_t, labels)
+    ctx.args = (tau, margin, band)
+
+
+def _triplet_kl_sum_backward(ctx, grad_total, grad_count):
+    d_s, d_t, labels = ctx.saved_tensors
+    grad = _triplet_kl_grad(grad_total, d_s, d_t, labels, *ctx.args)
+    return grad, None, None, None, None, None
+
+
+_triplet_kl_sum.register_autograd(_triplet_kl_sum_backward, setup_context=_triplet_kl_sum_setup)
+
+
+# On CPU in eager mode, batches with few positive pairs (T <= _DENSE_TUPLES_PER_ANCHOR * B, e.g.
+# 128 images of 100 classes) are cheaper on the dense (T x B) path: its T x B tensors are then
+# at most a few B^2 entries, so memory still grows like B^2, while a sort of every row costs
+# more. Measured crossover on this project's CPU: T ~ 5 B at B = 128 .. 512. Under
+# torch.compile and on accelerators the sorted path always runs (static shapes, no host
+# read). 0 switches the dense dispatch off.
+_DENSE_TUPLES_PER_ANCHOR = 4
+
+
+def _few_tuples(d_s, labels):
+    """True when the dense path is the cheaper one (CPU, eager, T <= k B); reads T on the host,
+    which on CPU is no device sync."""
+    if _DENSE_TUPLES_PER_ANCHOR <= 0 or d_s.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    sizes = torch.bincount(labels)
+    return int((sizes * (sizes - 1)).sum()) <= _DENSE_TUPLES_PER_ANCHOR * labels.numel()
+
+
+def _check_relation_args(student_emb, teacher_emb, labels, tau, mode):
+    if mode not in RELATION_MODES:
+        raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
+    _check_positive("tau", tau)
+    if student_emb.shape[0] != teacher_emb.shape[0] or student_emb.shape[0] != labels.numel():
+        raise ValueError(
+            f"batch sizes differ: student {student_emb.shape[0]}, teacher {teacher_emb.shape[0]}, "
+            f"labels {labels.numel()}"
+        )
+
+
+def _stage1_distances(student_emb, teacher_emb, fast=False):
+    d_s = normalized_distances_fast(student_emb) if fast else normalized_distances(student_emb)
+    with torch.no_grad():
+        d_t = normalized_distances(teacher_emb.detach(), exact=False).to(d_s.dtype)
+    return d_s, d_t
+
+
 def relation_matching_terms(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,
@@ -83,31 +402,98 @@ def relation_matching_terms(
     binary distribution [sigmoid((d(a,n) - d(a,p)) / tau), 1 - that]. The loss is
     ``scale * mean KL(P_T || P_S)`` over tuples (resp. triplets).
 
+    No tuple is listed: the tuple mode works on sorted rows and range sums (O(B^2 log B) time,
+    O(B^2) memory); the triplet mode is a custom op, blockwise over anchors (O(B^3) time on
+    accelerators, O(#triplets) on CPU, bounded memory). Every shape in the graph depends on B
+    only, so this traces with ``torch.compile(fullgraph=True)`` and never syncs with the host.
+    (On CPU in eager mode, a batch with few positive pairs, T <= 4 B, takes the dense path,
+    which is then cheaper and still O(B^2) in memory; see ``_DENSE_TUPLES_PER_ANCHOR``.)
+    The same tuples and values as :func:`relation_matching_from_tuples` on
+    :func:`refilled.mining.semihard_tuples` (to float rounding; the sums here are float64).
+
     Args:
         student_emb: (B, D) raw student embeddings (gradient flows through them).
         teacher_emb: (B, D_T) raw teacher embeddings of the same batch (treated as constant).
         labels: (B,) labels in the student's label space.
 
     Returns:
-        ``(loss, num_tuples)``: the scalar loss and the number of mined tuples (``"tuple"``)
-        or triplets (``"triplet"``) as a 0-d tensor on the input's device.
+        ``(loss, num_tuples)``: the scalar loss (in the student's dtype; half precision is
+        promoted to float32) and the number of mined tuples (``"tuple"``: pairs with at least
+        one semi-hard negative) or triplets (``"triplet"``) as a 0-d int64 tensor on the
+        input's device. With no tuple the loss is an exact zero that keeps the graph.
+    """
+    _check_relation_args(student_emb, teacher_emb, labels, tau, mode)
+    d_s, d_t = _stage1_distances(student_emb, teacher_emb, fast=True)
+    labels = labels.reshape(-1)
+    if mode == "tuple" and _few_tuples(d_s, labels):
+        anchor, positive, neg_mask = candidate_tuples(d_s, labels, margin)
+        return _relation_from_tuples(d_s, d_t, anchor, positive, neg_mask, tau, mode, scale)
+    if mode == "tuple":
+        total, num_tuples = _TupleKL.apply(d_s, d_t, labels, float(tau), float(margin))
+    else:
+        band = d_s.device.type == "cpu" if _TRIPLET_BAND is None else _TRIPLET_BAND
+        total, num_tuples = _triplet_kl_sum(d_s, d_t, labels, float(tau), float(margin), band)
+    loss = (total / num_tuples.clamp_min(1)).to(d_s.dtype)
+    return scale * loss, num_tuples
+
+
+def relation_matching_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tau: float = 4.0,
+    margin: float = 0.2,
+    mode: str = "tuple",
+    scale: float = 1000.0,
+) -> torch.Tensor:
+    """Stage 1 of REFILLED (SPEC §2); the loss of :func:`relation_matching_terms`."""
+    return relation_matching_terms(
+        student_emb, teacher_emb, labels, tau=tau, margin=margin, mode=mode, scale=scale
+    )[0]
+
+
+def relation_matching_from_tuples(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative_mask: torch.Tensor,
+    *,
+    tau: float = 4.0,
+    mode: str = "tuple",
+    scale: float = 1000.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage-1 loss on tuples the caller gives (e.g. from :func:`~refilled.mining.semihard_tuples`
+    or another miner, like pytorch-metric-learning's ``indices_tuple``).
+
+    Tuple t is (anchor[t], positive[t]) with the negatives marked in row t of ``negative_mask``
+    (T, B). The dense formulation: memory O(T x B), data-dependent shapes in the triplet mode;
+    for the training path use :func:`relation_matching_terms`. Rows without a negative count
+    for nothing. Returns ``(loss, num_tuples)`` as :func:`relation_matching_terms` does.
     """
     if mode not in RELATION_MODES:
         raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
     _check_positive("tau", tau)
-    if student_emb.shape[0] != teacher_emb.shape[0] or student_emb.shape[0] != labels.numel():
+    batch = student_emb.shape[0]
+    anchor, positive = anchor.reshape(-1), positive.reshape(-1)
+    if teacher_emb.shape[0] != batch or negative_mask.shape != (anchor.numel(), batch) or (
+        positive.numel() != anchor.numel()
+    ):
         raise ValueError(
-            f"batch sizes differ: student {student_emb.shape[0]}, teacher {teacher_emb.shape[0]}, "
-            f"labels {labels.numel()}"
+            f"tuples do not fit a batch of {batch}: anchor {tuple(anchor.shape)}, positive "
+            f"{tuple(positive.shape)}, negative_mask {tuple(negative_mask.shape)}, teacher "
+            f"{teacher_emb.shape[0]} rows"
         )
-    d_s = normalized_distances(student_emb)
-    with torch.no_grad():
-        d_t = normalized_distances(teacher_emb.detach(), exact=False).to(d_s.dtype)
-    anchor, positive, neg_mask = candidate_tuples(d_s, labels, margin)
+    d_s, d_t = _stage1_distances(student_emb, teacher_emb)
+    return _relation_from_tuples(d_s, d_t, anchor, positive, negative_mask.bool(), tau, mode, scale)
+
+
+def _relation_from_tuples(d_s, d_t, anchor, positive, neg_mask, tau, mode, scale):
     if mode == "tuple":
         # Rows without a negative contribute exactly 0 and are left out of the count; with no
-        # tuple at all the sum is an exact, graph-connected 0 (and the host never syncs).
-        num_tuples = neg_mask.amax(dim=1).sum()
+        # tuple at all the sum is an exact, graph-connected 0.
+        num_tuples = neg_mask.any(dim=1).sum()
         loss = _tuple_kl(d_s, d_t, anchor, positive, neg_mask, tau).sum() / num_tuples.clamp_min(1)
     else:
         t_idx, n_idx = neg_mask.nonzero(as_tuple=True)
@@ -126,20 +512,15 @@ def relation_matching_terms(
     return scale * loss, num_tuples
 
 
-def relation_matching_loss(
-    student_emb: torch.Tensor,
-    teacher_emb: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    tau: float = 4.0,
-    margin: float = 0.2,
-    mode: str = "tuple",
-    scale: float = 1000.0,
-) -> torch.Tensor:
-    """Stage 1 of REFILLED (SPEC §2); the loss of :func:`relation_matching_terms`."""
-    return relation_matching_terms(
-        student_emb, teacher_emb, labels, tau=tau, margin=margin, mode=mode, scale=scale
-    )[0]
+def _relation_terms_dense(student_emb, teacher_emb, labels, *, tau=4.0, margin=0.2,
+                          mode="tuple", scale=1000.0):
+    """The dense stage-1 implementation that :func:`relation_matching_terms` replaced: every
+    ordered positive pair listed with ``nonzero`` and a (T x B) negative mask. The reference
+    the fast path is tested against (memory O(B^3 / C))."""
+    _check_relation_args(student_emb, teacher_emb, labels, tau, mode)
+    d_s, d_t = _stage1_distances(student_emb, teacher_emb)
+    anchor, positive, neg_mask = candidate_tuples(d_s, labels, margin)
+    return _relation_from_tuples(d_s, d_t, anchor, positive, neg_mask, tau, mode, scale)
 
 
 def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
