@@ -34,6 +34,25 @@ def batch():
     return torch.randn(16, 1, 8, 8, generator=g), torch.arange(16) % 4
 
 
+def loader_data():
+    from refilled.data import Augment
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (48, 1, 12, 12), dtype=torch.uint8, generator=g)
+    labels = torch.arange(48) % 6
+    return images, labels, Augment(2, True, degrees=10, scale=0.1, shear=0.2, thickness=0.7, noise=0.05)
+
+
+def loader_batches(rank, world, sampler=False):
+    from refilled.data import ClassBalancedSampler, TensorLoader
+
+    images, labels, augment = loader_data()
+    loader = TensorLoader(images, labels, 12, augment=augment, seed=3, rank=rank, world=world,
+                          sampler=ClassBalancedSampler(labels, 2, 12, seed=3) if sampler else None)
+    loader.set_epoch(1)
+    return list(loader)
+
+
 def grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -62,6 +81,7 @@ def worker(rank, out_dir):
         loss = sum(v for k, v in losses.items() if not k.startswith("_"))
         loss.backward()
         results[name] = {"loss": loss.detach(), "grads": grads(student)}
+    results["loader"] = loader_batches(rank, WORLD)  # this rank's slices of the global batches
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -91,6 +111,13 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
         for name in want:
             torch.testing.assert_close(r["stage1_global"]["grads"][name], want[name], rtol=1e-4, atol=1e-6)
     assert not any("head" in name for name in want)  # the classifier takes no part in stage 1
+
+    # each rank augmented only its own slice, and got what one process gives that slice
+    whole = loader_batches(0, 1)
+    for r in range(WORLD):
+        assert len(ranks[r]["loader"]) == len(whole)
+        for (x_r, y_r), (x_w, y_w) in zip(ranks[r]["loader"], whole):
+            assert torch.equal(x_r, x_w.chunk(WORLD)[r]) and torch.equal(y_r, y_w.chunk(WORLD)[r])
 
     # local mining and CE: the gradients are the average of each rank's own-batch gradients
     for key, make in (("stage1_local", lambda s, t: RelationMatching(s, t, cfg)),
@@ -126,23 +153,10 @@ def test_torchrun_end_to_end_on_cpu(tmp_path):
 
 
 def test_each_rank_augments_only_its_slice_with_the_global_batch_draws():
-    from refilled.data import Augment, ClassBalancedSampler, TensorLoader
-
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (48, 1, 12, 12), dtype=torch.uint8, generator=g)
-    labels = torch.arange(48) % 6
-    augment = Augment(2, True, degrees=10, scale=0.1, shear=0.2, thickness=0.7, noise=0.05)
-
-    def batches(rank, world, sampler):
-        loader = TensorLoader(images, labels, 12, augment=augment, seed=3, rank=rank, world=world,
-                              sampler=ClassBalancedSampler(labels, 2, 12, seed=3) if sampler else None)
-        loader.set_epoch(1)
-        return list(loader)
-
-    for sampler in (False, True):
-        whole = batches(0, 1, sampler)
+    for sampler in (False, True):  # without processes: every rank's slices, class-balanced too
+        whole = loader_batches(0, 1, sampler)
         for rank in range(WORLD):
-            mine = batches(rank, WORLD, sampler)
+            mine = loader_batches(rank, WORLD, sampler)
             assert len(mine) == len(whole)
             for (x, y), (xw, yw) in zip(mine, whole):
                 assert torch.equal(x, xw.chunk(WORLD)[rank]) and torch.equal(y, yw.chunk(WORLD)[rank])

@@ -114,6 +114,7 @@ class Network(nn.Module):
         # passes are compiled, so the last, smaller batch never triggers a recompile.
         self.channels_last = False
         self.fixed_batch = False
+        self._compiled = None  # torch.compile of _pass (compile_passes); never copied
         self.head_name = None
         if self.zoo:
             self.head_name = "head" if isinstance(getattr(module, "head", None), nn.Module) else None
@@ -189,18 +190,24 @@ class Network(nn.Module):
                               f"set {self.role}.embedding to a submodule that does")
         return pool(captured["embedding"]), out, captured
 
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(embedding (B, D), logits (B, K) or None) of raw inputs, in one pass."""
-        x = self.normalize(x)
+    def _pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding, logits or None) of a normalised batch."""
         if self.zoo:
             z = self.module.forward_features(x)
             return z, self.module.forward_head(z)
         z, logits, _ = self._generic(x)
         return z, logits
 
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding (B, D), logits (B, K) or None) of raw inputs, in one pass."""
+        x = self.normalize(x)
+        return self._compiled(x) if self._compiled is not None else self._pass(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding (B, D) of raw inputs."""
         x = self.normalize(x)
+        if self._compiled is not None:
+            return self._compiled(x)[0]
         if self.zoo:
             return self.module.forward_features(x)
         return self._generic(x)[0]
@@ -216,6 +223,8 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of raw inputs (the module's own forward on the normalised batch)."""
         x = self.normalize(x)
+        if self._compiled is not None and self.has_logits:
+            return self._compiled(x)[1]
         if self.zoo:
             return self.module(x)
         out, _ = self._run(x)
@@ -322,12 +331,11 @@ class Network(nn.Module):
             self._install_hooks(self.embedding_spec, self.map_names)
         self._num_classes = num_classes
 
-    def compile_passes(self) -> None:
-        """``torch.compile`` the network's forward passes (used on CUDA with ``speed.compile``)."""
-        if self.zoo:
-            self.module.forward_features = torch.compile(self.module.forward_features)
-        else:
-            self.module.forward = torch.compile(self.module.forward)
+    def compile_passes(self, **options) -> None:
+        """``torch.compile`` the network's pass (embedding and logits; used on CUDA with
+        ``speed.compile``). The wrapped module itself is left as it is, and a copy of the network
+        is not compiled."""
+        self._compiled = torch.compile(self._pass, **options)
         self.fixed_batch = True
 
     def module_state_dict(self) -> dict:
