@@ -346,3 +346,24 @@ def test_losses_follow_the_cuda_device_and_match_cpu():
     assert gpu.device.type == "cuda" and gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
     centers_gpu = class_centers(student.cuda(), labels.cuda(), 8)
     assert centers_gpu.device.type == "cuda"
+
+
+def test_cvpr_element_reduction_matches_the_authors_kldivloss():
+    """The CVPR code: nn.KLDivLoss() (element mean) of the student's log-softmax over the batch's
+    classes against the teacher's softmax, both at temperature 2."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0, 2, 2, 5, 5, 5, 7, 0])  # |C_B| = 4 of 9 classes
+    logits = torch.randn(8, 9, generator=g, dtype=torch.float64)
+    teacher = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    centers = torch.nn.functional.normalize(torch.randn(9, 6, generator=g, dtype=torch.float64), dim=1)
+    present = torch.tensor([0, 2, 5, 7])
+    t_logits = (teacher @ centers.T)[:, present] / 2
+    authors = torch.nn.KLDivLoss()(torch.log_softmax(logits[:, present] / 2, dim=1), torch.softmax(t_logits, dim=1))
+    ours = local_classifier_loss(logits, teacher, labels, centers, tau_teacher=2, tau_student=2, reduction="element")
+    assert ours.item() == pytest.approx(authors.item(), rel=1e-12)
+    batch = local_classifier_loss(logits, teacher, labels, centers, tau_teacher=2, tau_student=2)
+    assert batch.item() == pytest.approx(4 * ours.item(), rel=1e-12)  # lambda acts |C_B| times stronger
+    from refilled.config import make_config
+
+    assert make_config({}, ["stage2.preset=cvpr"]).stage2.reduction == "element"
+    assert make_config({}, ["stage2.preset=tpami"]).stage2.reduction == "batch"

@@ -121,16 +121,20 @@ class Stage2Config:
     weighting: bool = True  # TPAMI adaptive per-instance emphasis
     centers: str = "global"  # global (once, whole training split) | local (per batch)
     normalize_teacher: bool = False
+    reduction: str = "batch"  # batch: KL summed over C_B, mean over B | element: / (B x |C_B|) (CVPR)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tpami": {"stage2.tau_teacher": 1.0, "stage2.tau_student": 1.0, "stage2.lam": 1.0,
-              "stage2.lam_decay": 0.0, "stage2.weighting": True, "stage2.centers": "global"},
+              "stage2.lam_decay": 0.0, "stage2.weighting": True, "stage2.centers": "global",
+              "stage2.reduction": "batch"},
     "cvpr_recon": {"stage2.tau_teacher": 2.0, "stage2.tau_student": 2.0, "stage2.lam": 100.0,
-                   "stage2.lam_decay": 0.0, "stage2.weighting": False, "stage2.centers": "global"},
+                   "stage2.lam_decay": 0.0, "stage2.weighting": False, "stage2.centers": "global",
+                   "stage2.reduction": "batch"},
+    # The CVPR code's KL is nn.KLDivLoss()'s element mean (B x |C_B|): lambda acts per class.
     "cvpr": {"stage2.tau_teacher": 2.0, "stage2.tau_student": 2.0, "stage2.lam": 1000.0,
              "stage2.lam_decay": 0.05, "stage2.weighting": False, "stage2.centers": "local",
-             "stage1.mode": "triplet"},
+             "stage2.reduction": "element", "stage1.mode": "triplet"},
 }
 
 
@@ -466,6 +470,7 @@ def validate(cfg: Config) -> None:
     _choice("teacher.init", cfg.teacher.init, ("trained", "random"))
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
     _choice("stage2.centers", cfg.stage2.centers, ("global", "local"))
+    _choice("stage2.reduction", cfg.stage2.reduction, ("batch", "element"))
     if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+|mps", cfg.device):
         # only the spelling: whether the device exists is checked when the run starts
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) "

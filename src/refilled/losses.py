@@ -564,6 +564,7 @@ def local_classifier_loss(
     tau_student: float = 1.0,
     weights: torch.Tensor | None = None,
     normalize_teacher: bool = False,
+    reduction: str = "batch",
 ) -> torch.Tensor:
     """Stage 2's distillation term: the embedding-induced local classifier (SPEC §3).
 
@@ -571,8 +572,12 @@ def local_classifier_loss(
     ``centers`` (C, D_T) the normalised teacher class centres of the student's classes; the
     student's logits are restricted to the same classes. Returns
     (1/B) sum_i w_i KL(softmax(t_i / tau_teacher) || softmax(f(x_i)[C_B] / tau_student)),
-    without the cross-entropy and without lambda.
+    without the cross-entropy and without lambda. ``reduction="element"`` divides by
+    B x |C_B| instead of B: the element mean of ``nn.KLDivLoss()`` that the CVPR code uses, so
+    that its lambda acts per class in the batch.
     """
+    if reduction not in ("batch", "element"):
+        raise ValueError(f"reduction must be 'batch' or 'element', got {reduction!r}")
     _check_positive("tau_teacher", tau_teacher)
     _check_positive("tau_student", tau_student)
     num_classes = student_logits.shape[1]
@@ -592,6 +597,8 @@ def local_classifier_loss(
     )
     if weights is not None:
         kl = kl * weights.detach().to(kl.dtype)
+    if reduction == "element":  # |C_B| as a tensor: no host sync
+        return kl.mean() / present[0].sum().to(kl.dtype)
     return kl.mean()
 
 
@@ -895,19 +902,23 @@ class LocalClassifierLoss(torch.nn.Module):
     :func:`refilled.teacher_instance_weights` of the teacher's own logits.
     """
 
-    def __init__(self, tau_teacher: float = 1.0, tau_student: float = 1.0, normalize_teacher: bool = False):
+    def __init__(self, tau_teacher: float = 1.0, tau_student: float = 1.0, normalize_teacher: bool = False,
+                 reduction: str = "batch"):
         super().__init__()
         _check_positive("tau_teacher", tau_teacher)
         _check_positive("tau_student", tau_student)
+        if reduction not in ("batch", "element"):
+            raise ValueError(f"reduction must be 'batch' or 'element', got {reduction!r}")
         self.tau_teacher, self.tau_student = float(tau_teacher), float(tau_student)
-        self.normalize_teacher = bool(normalize_teacher)
+        self.normalize_teacher, self.reduction = bool(normalize_teacher), reduction
 
     def forward(self, student_logits: Tensor, teacher_emb: Tensor, labels: Tensor, centers: Tensor,
                 weights: Tensor | None = None) -> Tensor:
         return local_classifier_loss(student_logits, teacher_emb, labels, centers,
                                      tau_teacher=self.tau_teacher, tau_student=self.tau_student,
-                                     weights=weights, normalize_teacher=self.normalize_teacher)
+                                     weights=weights, normalize_teacher=self.normalize_teacher,
+                                     reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return (f"tau_teacher={self.tau_teacher}, tau_student={self.tau_student}, "
-                f"normalize_teacher={self.normalize_teacher}")
+                f"normalize_teacher={self.normalize_teacher}, reduction={self.reduction!r}")

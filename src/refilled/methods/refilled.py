@@ -88,6 +88,7 @@ class LocalClassifierDistillation(Method):
                 logits.float(), t_emb, y, centers,
                 tau_teacher=self.cfg.tau_teacher, tau_student=self.cfg.tau_student,
                 weights=weights, normalize_teacher=self.cfg.normalize_teacher,
+                reduction=self.cfg.reduction,
             )
         return {"ce": F.cross_entropy(logits, y), "distill": self.lam(epoch) * distill}
 
