@@ -348,6 +348,7 @@ def test_losses_follow_the_cuda_device_and_match_cpu():
     assert centers_gpu.device.type == "cuda"
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # the authors' reduction, on purpose
 def test_cvpr_element_reduction_matches_the_authors_kldivloss():
     """The CVPR code: nn.KLDivLoss() (element mean) of the student's log-softmax over the batch's
     classes against the teacher's softmax, both at temperature 2."""
