@@ -91,8 +91,9 @@ def arm_label(record: dict) -> str:
 
 
 def summarize(results: list[dict], baseline: str | None = None, group_keys=("protocol",)) -> list[dict]:
-    """One row per (group, arm): mean ± std of test accuracy and stage-1 NCM accuracy, and,
-    when ``baseline`` names an arm, the mean ± std and 95% CI of the per-seed paired difference."""
+    """One row per (group, arm): mean ± std of the final student's validation and test accuracy
+    and of the stage-1 NCM accuracy (validation and test: what stage 1 alone gave), and, when
+    ``baseline`` names an arm, the mean ± std and 95% CI of the per-seed paired difference."""
     groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in results:
         key = tuple(r.get(k) for k in group_keys)
@@ -102,12 +103,13 @@ def summarize(results: list[dict], baseline: str | None = None, group_keys=("pro
         base = arms.get(baseline, {}) if baseline else {}
         for arm, by_seed in arms.items():
             acc = [100 * r["test_accuracy"] for r in by_seed.values()]
-            ncm = [100 * r["stage1_ncm_accuracy"] for r in by_seed.values()
-                   if r.get("stage1_ncm_accuracy") is not None]
             row = dict(zip(group_keys, key))
             row.update(arm=arm, n=len(acc))
             row["test_mean"], row["test_std"] = mean_std(acc)
-            row["ncm_mean"], row["ncm_std"] = mean_std(ncm) if ncm else (None, None)
+            for prefix, field in (("val", "val_accuracy"), ("ncm", "stage1_ncm_accuracy"),
+                                  ("ncm_val", "stage1_ncm_val_accuracy")):
+                values = [100 * r[field] for r in by_seed.values() if r.get(field) is not None]
+                row[f"{prefix}_mean"], row[f"{prefix}_std"] = mean_std(values) if values else (None, None)
             paired = [100 * (r["test_accuracy"] - base[s]["test_accuracy"])
                       for s, r in by_seed.items() if s in base]
             if base and arm != baseline and paired:
@@ -122,13 +124,16 @@ def _pm(mean, std, digits=1) -> str:
 
 
 def markdown_table(rows: list[dict], group_keys=("protocol",), baseline: str | None = None) -> str:
-    head = [*group_keys, "arm", "n", "test acc. (%)", "stage-1 NCM (%)"]
+    head = [*group_keys, "arm", "n", "val acc. (%)", "test acc. (%)", "stage-1 NCM val (%)",
+            "stage-1 NCM test (%)"]
     if baseline:
         head.append(f"paired diff. vs {baseline} (pts, ±std [95% CI])")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.get(k)) for k in group_keys]
-        cells += [r["arm"], str(r["n"]), _pm(r["test_mean"], r["test_std"]), _pm(r["ncm_mean"], r["ncm_std"])]
+        cells += [r["arm"], str(r["n"]), _pm(r.get("val_mean"), r.get("val_std")),
+                  _pm(r["test_mean"], r["test_std"]), _pm(r.get("ncm_val_mean"), r.get("ncm_val_std")),
+                  _pm(r["ncm_mean"], r["ncm_std"])]
         if baseline:
             if "diff_mean" in r:
                 ci = r["diff_ci95"]
@@ -378,8 +383,10 @@ def write_report(runs_dir: str | Path, out: str | Path | None = None, baseline: 
     text = "\n".join([
         f"# Report: {runs_dir}",
         "",
-        f"{len(records)} student runs. Test accuracy (%) after the last epoch: mean ± sample std "
-        "over seeds; n = number of seeds in the cell. " + note,
+        f"{len(records)} student runs. Accuracy (%) of the final student after the last epoch on "
+        "validation and test, and of the NCM classifier on the student's embedding right after "
+        "stage 1 (what stage 1 alone gave; REFILLED only): mean ± sample std over seeds; n = "
+        "number of seeds in the cell. " + note,
         "",
         table,
         "",
