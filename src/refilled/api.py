@@ -426,7 +426,7 @@ def rehearse(cfg: Config, spec: MethodSpec, student: Network, teacher: Network |
         centers = (torch.zeros(num_classes, teacher.num_features, device=device)
                    if frozen is not None and spec.global_centers(cfg) else None)
         resolved = Resolved(cfg=cfg, student=student, teacher=frozen, num_classes=num_classes,
-                            example=example, centers=centers, student_ids=student_ids,
+                            example=example, train=train, centers=centers, student_ids=student_ids,
                             teacher_ids=teacher_ids, dist=dist)
         stages = spec.build(resolved)
         augment = Augment(**augment) if isinstance(augment, Mapping) else augment
@@ -470,7 +470,7 @@ def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | Non
     centers = (teacher_centers(frozen, train, num_classes, device, dist, run_dir)
                if frozen is not None and spec.global_centers(cfg) else None)
     resolved = Resolved(cfg=cfg, student=student, teacher=frozen, num_classes=num_classes,
-                        example=example, centers=centers, student_ids=student_ids,
+                        example=example, train=train, centers=centers, student_ids=student_ids,
                         teacher_ids=teacher_ids, dist=dist)
     stages = spec.build(resolved)
     if isinstance(augment, Mapping):
@@ -492,6 +492,7 @@ def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | Non
         if stage.validate == "ncm":  # the embedding right after this stage, before a later one moves it
             history.snapshots[stage.name] = {k: v.detach().cpu().clone()
                                              for k, v in student.module_state_dict().items()}
+    student.fold_embed_scale()  # the plain module computes what was trained (hand-off scale)
     student.refilled_history = history
 
 

@@ -122,19 +122,25 @@ class Stage2Config:
     centers: str = "global"  # global (once, whole training split) | local (per batch)
     normalize_teacher: bool = False
     reduction: str = "batch"  # batch: KL summed over C_B, mean over B | element: / (B x |C_B|) (CVPR)
+    # The hand-off from stage 1 (methods/refilled.py). Stage 1's loss ignores the embedding's
+    # scale; "rescale" feeds the fresh classifier the embedding rescaled so that its mean norm on
+    # the training images is embed_norm (None: sqrt(embedding size)); "none" is the papers' plain
+    # fresh classifier. The factor ends up in the classifier's weights (the saved model is plain).
+    handoff: str = "rescale"
+    embed_norm: float | None = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tpami": {"stage2.tau_teacher": 1.0, "stage2.tau_student": 1.0, "stage2.lam": 1.0,
               "stage2.lam_decay": 0.0, "stage2.weighting": True, "stage2.centers": "global",
-              "stage2.reduction": "batch"},
+              "stage2.reduction": "batch", "stage2.handoff": "none"},
     "cvpr_recon": {"stage2.tau_teacher": 2.0, "stage2.tau_student": 2.0, "stage2.lam": 100.0,
                    "stage2.lam_decay": 0.0, "stage2.weighting": False, "stage2.centers": "global",
-                   "stage2.reduction": "batch"},
+                   "stage2.reduction": "batch", "stage2.handoff": "none"},
     # The CVPR code's KL is nn.KLDivLoss()'s element mean (B x |C_B|): lambda acts per class.
     "cvpr": {"stage2.tau_teacher": 2.0, "stage2.tau_student": 2.0, "stage2.lam": 1000.0,
              "stage2.lam_decay": 0.05, "stage2.weighting": False, "stage2.centers": "local",
-             "stage2.reduction": "element", "stage1.mode": "triplet"},
+             "stage2.reduction": "element", "stage2.handoff": "none", "stage1.mode": "triplet"},
 }
 
 
@@ -471,6 +477,10 @@ def validate(cfg: Config) -> None:
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
     _choice("stage2.centers", cfg.stage2.centers, ("global", "local"))
     _choice("stage2.reduction", cfg.stage2.reduction, ("batch", "element"))
+    _choice("stage2.handoff", cfg.stage2.handoff, ("rescale", "none"))
+    if cfg.stage2.embed_norm is not None and not cfg.stage2.embed_norm > 0:
+        raise ConfigError(f"config key 'stage2.embed_norm' must be > 0 (or null: sqrt of the "
+                          f"embedding size), got {cfg.stage2.embed_norm}")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+|mps", cfg.device):
         # only the spelling: whether the device exists is checked when the run starts
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) "

@@ -53,6 +53,7 @@ class Resolved:
     teacher: "FrozenTeacher | None"
     num_classes: int
     example: torch.Tensor  # a few raw training inputs (shape probes)
+    train: Any = None  # the training split (refilled.tasks.Split), for hand-off statistics
     centers: torch.Tensor | None = None  # global teacher centres of the student's classes
     student_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     teacher_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))

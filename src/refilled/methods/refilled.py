@@ -93,6 +93,24 @@ class LocalClassifierDistillation(Method):
         return {"ce": F.cross_entropy(logits, y), "distill": self.lam(epoch) * distill}
 
 
+def rescale_embedding(student, train, target: float | None, dist=None) -> float:
+    """The hand-off: feed the fresh classifier the embedding times ``s`` so that its mean L2 norm
+    on the training images (eval mode, no augmentation) is ``target`` (None: sqrt(D), the norm
+    of a D-dimensional vector of unit-variance entries). Stage 1's loss only sees directions, so
+    its embedding can end with any norm (0.3 on glyphs, against about 10 for a CE-trained
+    student); a fresh classifier on so small a feature learns slowly while its gradient wrecks
+    the embedding. Returns ``s``."""
+    from refilled.evaluation import embedding_norm
+    from refilled.runtime import Dist
+
+    device = next(student.parameters()).device
+    norm = embedding_norm(student, train.images, device, dist=dist or Dist())
+    goal = target if target is not None else math.sqrt(student.num_features)
+    scale = goal / max(norm, 1e-12)
+    student.set_embed_scale(scale)
+    return scale
+
+
 def refilled_schedules(cfg) -> list:
     out = [("stage1.optim", cfg.stage1.optim, True)] if cfg.stage1.optim.epochs > 0 else []
     return out + [("train", cfg.train, False)]
@@ -113,6 +131,8 @@ def build_refilled(r: Resolved) -> list[Stage]:
     def fresh_classifier():
         torch.manual_seed(cfg.seed + 1)
         student.reset_classifier(r.num_classes)
+        if cfg.stage2.handoff == "rescale":
+            rescale_embedding(student, r.train, cfg.stage2.embed_norm, r.dist)
 
     stages.append(Stage("stage2", LocalClassifierDistillation(student, teacher, cfg.stage2, centers),
                         cfg.train, prepare=fresh_classifier))
