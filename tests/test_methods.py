@@ -219,3 +219,44 @@ def test_ablation_run_resumes_from_its_saved_config(config_file, capsys):
     assert first["stage1_ncm_accuracy"] is None  # no stage 1
     code, again, err = run_cli(capsys, *args)
     assert code == 0 and again == first
+
+
+def test_handoff_rescales_the_last_norm_layer_exactly_or_not_at_all():
+    import torch.nn as nn
+
+    from refilled.methods.refilled import rescale_embedding
+    from refilled.networks import Network
+    from refilled.tasks import Split
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
+    train = Split(images, torch.arange(40) % 4)
+    net = Network(create_model("cnn_small", 4, 1)).eval()
+    with torch.no_grad():  # a stage-1-like embedding: tiny norm
+        net.module.features[-2].weight.mul_(0.01)
+        net.module.features[-2].bias.mul_(0.01)
+    from refilled.evaluation import embedding_norm, predict
+
+    before_emb, _ = predict(net, images, "cpu")
+    note = rescale_embedding(net, train, None, None)
+    assert note["handoff"].startswith("rescaled") and note["handoff_scale"] > 10
+    assert embedding_norm(net, images, "cpu") == pytest.approx(8.0, rel=0.02)  # sqrt(64)
+    after_emb, _ = predict(net, images, "cpu")
+    cos = torch.nn.functional.cosine_similarity(before_emb, after_emb, dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)  # no direction moved
+
+    class Residual(nn.Module):  # a sum after the last BN: scaling it is not exact
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x)) + x).mean(dim=(2, 3)))
+
+    res = Network(Residual()).eval()
+    res.probe(images[:2].float() / 255)
+    state = {k: v.clone() for k, v in res.state_dict().items()}
+    note = rescale_embedding(res, train, None, None)
+    assert note["handoff"].startswith("none (the embedding is not proportional")
+    assert all(torch.equal(v, state[k]) for k, v in res.state_dict().items())

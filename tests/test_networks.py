@@ -141,22 +141,3 @@ def test_bad_names_are_one_line_errors():
         Network(sequential(), mean=[0.5])
     with pytest.raises(ConfigError, match="must be a torch.nn.Module"):
         Network(lambda x: x)
-
-
-@pytest.mark.parametrize("zoo", [True, False])
-def test_embedding_scale_feeds_the_classifier_and_folds_into_it(zoo):
-    torch.manual_seed(0)
-    net = Network(create_model("cnn_small", 3, 1)) if zoo else Network(WithFc(3))
-    x = torch.rand(6, 1, 8, 8)
-    net.eval()
-    z, plain = net.features_and_logits(x)
-    head = net.classifier
-    net.set_embed_scale(5.0)
-    z2, scaled = net.features_and_logits(x)
-    assert torch.equal(z2, z)  # the embedding (and any NCM on it) is unchanged
-    assert torch.allclose(scaled, (5.0 * z) @ head.weight.T + head.bias, atol=1e-5)
-    assert torch.allclose(net(x), scaled) and torch.allclose(net.forward_head(z), scaled)
-    twin = copy.deepcopy(net)
-    assert twin.embed_scale == 5.0 and torch.allclose(twin(x), scaled)
-    net.fold_embed_scale()
-    assert net.embed_scale == 1.0 and torch.allclose(net.module(x), scaled, atol=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -57,11 +58,13 @@ _SECTIONS = {f for f in Config.__dataclass_fields__}
 class History(list):
     """The epoch rows of a :func:`distill` call (one dict per epoch and stage), plus
     ``snapshots`` (the student's weights right after each stage that trains only the embedding,
-    i.e. stage 1) and ``empty_batches`` (stage-1 batches where mining found no tuple)."""
+    i.e. stage 1), ``notes`` (what a stage's preparation did, e.g. ``handoff``) and
+    ``empty_batches`` (stage-1 batches where mining found no tuple)."""
 
     def __init__(self, rows=()):
         super().__init__(rows)
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self.notes: dict = {}  # what the stages' preparations report (e.g. the hand-off)
 
     @property
     def empty_batches(self) -> int:
@@ -478,7 +481,11 @@ def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | Non
     history = History()
     for stage in stages:
         if stage.prepare is not None:
-            stage.prepare()
+            history.notes.update(stage.prepare() or {})
+            note = str(history.notes.get("handoff", ""))
+            if note.startswith("none (") and cfg.progress and dist.is_main:
+                print(f"refilled: {stage.name}: hand-off not rescaled: {note[6:-1]}; the classifier "
+                      "starts on the embedding as stage 1 left it", file=sys.stderr)
         loader = _loader(train, stage.optim, seed=cfg.seed, device=device, dist=dist,
                          augment=augment, channels_last=channels_last)
         rows = train_stage(
@@ -492,7 +499,6 @@ def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | Non
         if stage.validate == "ncm":  # the embedding right after this stage, before a later one moves it
             history.snapshots[stage.name] = {k: v.detach().cpu().clone()
                                              for k, v in student.module_state_dict().items()}
-    student.fold_embed_scale()  # the plain module computes what was trained (hand-off scale)
     student.refilled_history = history
 
 

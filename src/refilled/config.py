@@ -123,9 +123,9 @@ class Stage2Config:
     normalize_teacher: bool = False
     reduction: str = "batch"  # batch: KL summed over C_B, mean over B | element: / (B x |C_B|) (CVPR)
     # The hand-off from stage 1 (methods/refilled.py). Stage 1's loss ignores the embedding's
-    # scale; "rescale" feeds the fresh classifier the embedding rescaled so that its mean norm on
-    # the training images is embed_norm (None: sqrt(embedding size)); "none" is the papers' plain
-    # fresh classifier. The factor ends up in the classifier's weights (the saved model is plain).
+    # scale; "rescale" scales the student's last normalisation layer so that the embedding's mean
+    # norm on the training images is embed_norm (None: sqrt(embedding size)) before the fresh
+    # classifier starts; "none" is the papers' plain fresh classifier.
     handoff: str = "rescale"
     embed_norm: float | None = None
 

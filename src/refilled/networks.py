@@ -115,8 +115,6 @@ class Network(nn.Module):
         self.channels_last = False
         self.fixed_batch = False
         self._compiled = None  # torch.compile of _pass (compile_passes); never copied
-        self.embed_scale = 1.0  # the classifier sees embed_scale * embedding (set_embed_scale)
-        self._scale_handle = None
         self.head_name = None
         if self.zoo:
             self.head_name = "head" if isinstance(getattr(module, "head", None), nn.Module) else None
@@ -310,39 +308,8 @@ class Network(nn.Module):
         """The key prefix of the classifier's entries in the module's state dict."""
         return "" if self.head_name is None else self.head_name + "."
 
-    def set_embed_scale(self, scale: float) -> None:
-        """Feed the classifier ``scale * embedding`` (REFILLED's hand-off restores the scale that
-        stage 1 ignores); the embedding itself, and every NCM on it, is unchanged. A forward
-        pre-hook on the classifier, so the module's own forward applies it too;
-        :meth:`fold_embed_scale` moves it into the classifier's weights."""
-        if self.classifier is None:
-            raise ConfigError(f"the {self.role} has no classifier to rescale the embedding for")
-        if self._scale_handle is not None:
-            self._scale_handle.remove()
-            self._scale_handle = None
-        self.embed_scale = float(scale)
-        if self.embed_scale != 1.0:
-            def hook(_module, args):
-                return (args[0] * self.embed_scale, *args[1:])
-
-            self._scale_handle = self.classifier.register_forward_pre_hook(hook)
-
-    @torch.no_grad()
-    def fold_embed_scale(self) -> None:
-        """W (s z) + b = (s W) z + b: the scale goes into a linear classifier's weights, so the
-        plain module computes what was trained, with no hook."""
-        if self.embed_scale == 1.0:
-            return
-        head = self.classifier
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"cannot fold the embedding scale into a {type(head).__name__} classifier")
-        head.weight.mul_(self.embed_scale)
-        self.set_embed_scale(1.0)
-
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh ``nn.Linear(num_features, num_classes)`` in place of the classifier."""
-        if self.classifier is not None:
-            self.set_embed_scale(1.0)
         if self.zoo:
             self.module.reset_classifier(num_classes)
             return
@@ -379,16 +346,11 @@ class Network(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        scale = self.embed_scale
-        if self._scale_handle is not None:
-            self.set_embed_scale(1.0)
         try:
             module = copy.deepcopy(self.module, memo)
         finally:
             if not self.zoo:
                 self._install_hooks(self.embedding_spec, self.map_names)
-            if scale != 1.0:
-                self.set_embed_scale(scale)
         mean = None if self.mean is None else self.mean.flatten().tolist()
         std = None if self.std is None else self.std.flatten().tolist()
         new = Network(module, embedding=self.embedding_spec,
@@ -396,8 +358,6 @@ class Network(nn.Module):
                       maps=self.map_names or None, role=self.role)
         new._num_features, new._num_classes = self._num_features, self._num_classes
         new.channels_last = self.channels_last
-        if scale != 1.0:
-            new.set_embed_scale(scale)
         if self.mean is not None:
             new.to(self.mean.device)
         return new.train(self.training)

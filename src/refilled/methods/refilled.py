@@ -93,22 +93,56 @@ class LocalClassifierDistillation(Method):
         return {"ce": F.cross_entropy(logits, y), "distill": self.lam(epoch) * distill}
 
 
-def rescale_embedding(student, train, target: float | None, dist=None) -> float:
-    """The hand-off: feed the fresh classifier the embedding times ``s`` so that its mean L2 norm
-    on the training images (eval mode, no augmentation) is ``target`` (None: sqrt(D), the norm
-    of a D-dimensional vector of unit-variance entries). Stage 1's loss only sees directions, so
-    its embedding can end with any norm (0.3 on glyphs, against about 10 for a CE-trained
-    student); a fresh classifier on so small a feature learns slowly while its gradient wrecks
-    the embedding. Returns ``s``."""
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def last_norm_layer(student) -> nn.Module | None:
+    """The last normalisation layer with an affine transform, outside the classifier."""
+    head = student.classifier_prefix()
+    found = None
+    for name, m in student.module.named_modules():
+        if isinstance(m, NORM_LAYERS) and getattr(m, "weight", None) is not None and \
+                getattr(m, "bias", None) is not None and not (head and (name + ".").startswith(head)):
+            found = m
+    return found
+
+
+@torch.no_grad()
+def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
+    """The hand-off: scale the affine transform (weight and bias) of the student's last
+    normalisation layer so that the mean L2 norm of its raw embedding of the training images
+    (eval mode, no augmentation) becomes ``target`` (None: sqrt(D), the norm of a D-dimensional
+    vector of unit-variance entries).
+
+    Stage 1's loss only sees directions, so its embedding can end at any norm (0.3 on glyphs,
+    against about 10 for a CE-trained student), and a fresh classifier on so small a feature
+    learns slowly while its gradient wrecks the embedding. Scaling the last normalisation layer
+    changes no direction and no dynamics before it; it is exact when only positively
+    homogeneous layers follow (ReLU, pooling: the zoo's CNNs and WRNs), which is checked: where
+    it is not (a residual sum after it, ReLU6, no such layer), nothing is changed and the note
+    says so. Returns ``{"handoff": note, "handoff_scale": factor or None}``."""
     from refilled.evaluation import embedding_norm
     from refilled.runtime import Dist
 
+    dist = dist or Dist()
     device = next(student.parameters()).device
-    norm = embedding_norm(student, train.images, device, dist=dist or Dist())
+    before = embedding_norm(student, train.images, device, dist=dist)
     goal = target if target is not None else math.sqrt(student.num_features)
-    scale = goal / max(norm, 1e-12)
-    student.set_embed_scale(scale)
-    return scale
+    layer = last_norm_layer(student)
+    if layer is None or not before or before <= 0:
+        return {"handoff": "none (no normalisation layer to rescale)", "handoff_scale": None}
+    factor = goal / before
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.weight.mul_(factor)
+    layer.bias.mul_(factor)
+    after = embedding_norm(student, train.images, device, dist=dist)
+    if abs(after - goal) > 0.02 * goal:
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+        return {"handoff": "none (the embedding is not proportional to the last normalisation "
+                           "layer's output)", "handoff_scale": None}
+    return {"handoff": f"rescaled: mean embedding norm {before:.3g} -> {after:.3g}",
+            "handoff_scale": factor}
 
 
 def refilled_schedules(cfg) -> list:
@@ -132,7 +166,8 @@ def build_refilled(r: Resolved) -> list[Stage]:
         torch.manual_seed(cfg.seed + 1)
         student.reset_classifier(r.num_classes)
         if cfg.stage2.handoff == "rescale":
-            rescale_embedding(student, r.train, cfg.stage2.embed_norm, r.dist)
+            return rescale_embedding(student, r.train, cfg.stage2.embed_norm, r.dist)
+        return {"handoff": "none", "handoff_scale": None}
 
     stages.append(Stage("stage2", LocalClassifierDistillation(student, teacher, cfg.stage2, centers),
                         cfg.train, prepare=fresh_classifier))
