@@ -88,6 +88,15 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _timm(arch: str, role: str):
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{role}.arch '{arch}' needs timm, which is not installed "
+                          "(`pip install timm`; it pulls torchvision)") from None
+    return timm
+
+
 def check_arch(arch: str, role: str) -> None:
     """That ``arch`` names something buildable, without building it: a zoo name, an importable
     factory, or a timm model where timm is installed (``refilled config`` and every run check
@@ -95,11 +104,7 @@ def check_arch(arch: str, role: str) -> None:
     from refilled.models.registry import check_name
 
     if arch.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise ConfigError(f"{role}.arch '{arch}' needs timm, which is not installed "
-                              "(`pip install timm`; it pulls torchvision)") from None
+        timm = _timm(arch, role)
         name = arch.removeprefix("timm:")
         if not timm.list_models(name) and not timm.is_model(name):
             raise ConfigError(f"{role}.arch '{arch}': timm has no model '{name}'")
@@ -117,11 +122,7 @@ def build_module(arch: str, num_classes: int, in_chans: int, *, input_size: int 
     """The ``nn.Module`` that ``arch`` names (zoo, import path or ``timm:``), freshly initialised."""
     kwargs = dict(kwargs or {})
     if arch.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise ConfigError(f"{role}.arch '{arch}' needs timm, which is not installed "
-                              "(`pip install timm`; it pulls torchvision)") from None
+        timm = _timm(arch, role)
         name = arch.removeprefix("timm:")
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes,
