@@ -582,12 +582,6 @@ def _validate_applications(cfg: Config) -> None:
     if spec.protocols and cfg.protocol not in spec.protocols:
         raise ConfigError(f"method '{spec.name}' belongs to the {' / '.join(spec.protocols)} "
                           f"protocol; set protocol: {spec.protocols[0]}")
-    if spec.same_arch and (cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs):
-        raise ConfigError(
-            f"method '{spec.name}' starts from the old model, so student.arch/kwargs must equal "
-            f"teacher.arch/kwargs (got student {cfg.student.arch!r} {cfg.student.kwargs}, "
-            f"teacher {cfg.teacher.arch!r} {cfg.teacher.kwargs})"
-        )
 
 def _get(cfg, dotted: str):
     node = cfg

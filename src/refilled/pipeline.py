@@ -376,8 +376,15 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.name' must be one of {list(DATASET_NAMES)}, got "
                           f"{cfg.data.name!r}")
     check_arch(cfg.student.arch, "student")
-    if method_spec(cfg.method).needs_teacher:
+    spec = method_spec(cfg.method)
+    if spec.needs_teacher:
         check_arch(cfg.teacher.arch, "teacher")
+    if spec.same_arch and (cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs):
+        raise ConfigError(
+            f"method '{spec.name}' starts from the old model, so student.arch/kwargs must equal "
+            f"teacher.arch/kwargs (got student {cfg.student.arch!r} {cfg.student.kwargs}, "
+            f"teacher {cfg.teacher.arch!r} {cfg.teacher.kwargs})"
+        )
 
 
 def _notice(cfg: Config, text: str) -> None:
