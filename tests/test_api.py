@@ -57,6 +57,8 @@ def test_distill_on_plain_modules_keeps_the_teacher_untouched():
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert teacher.training and all(p.grad is None for p in teacher.parameters())
+    for module in (*teacher.modules(), *student.modules()):  # no hook left behind
+        assert not module._forward_hooks and not module._forward_pre_hooks
     history = student.refilled_history
     assert [r["stage"] for r in history] == ["stage1"] * 2 + ["stage2"] * 2
     assert "val_ncm_accuracy" in history[1] and "val_accuracy" in history[-1]

@@ -314,6 +314,9 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
     finally:
         if teacher_net is not None:
             teacher_net.train(teacher_was_training)
+        for mine, given in ((student_net, student), (teacher_net, teacher)):
+            if mine is not None and mine is not given:
+                mine.close()  # the wrappers made here leave no hook behind on the user's modules
     if student is not student_net:
         student.refilled_history = student_net.refilled_history
     return student

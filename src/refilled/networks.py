@@ -338,6 +338,12 @@ class Network(nn.Module):
         self._compiled = torch.compile(self._pass, **options)
         self.fixed_batch = True
 
+    def close(self) -> None:
+        """Remove the hooks this wrapper put on the module (the module is the user's again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def module_state_dict(self) -> dict:
         return self.module.state_dict()
 
