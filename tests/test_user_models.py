@@ -144,3 +144,19 @@ def test_example_own_models_from_the_cli(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert '"protocol": "cross_task"' in out.stdout and '"teacher_test_accuracy"' in out.stdout
+
+
+def test_kd_refuses_a_teacher_whose_outputs_are_not_the_teacher_window(user, capsys, tmp_path):
+    _, config, _ = user
+    import user_models
+
+    other = tmp_path / "t1000.pt"
+    torch.save(user_models.sequential_teacher(1000).state_dict(), other)
+    code, _, err = run_cli(capsys, "run", config, "method=kd", "data.student_offset=2",
+                           "teacher.kwargs={num_classes: 1000}", f"teacher.weights={other}")
+    assert code == 2 and "has 1000 outputs" in err
+    # REFILLED needs no shared label space: the same teacher is fine
+    code, res, err = run_cli(capsys, "run", config, "teacher.kwargs={num_classes: 1000}",
+                             f"teacher.weights={other}")
+    assert code == 0, err
+    assert res["teacher_test_accuracy"] is None  # its classes are not this dataset's

@@ -361,6 +361,14 @@ def rehearse_run(cfg: Config, spec: MethodSpec, tasks: Tasks, device, dist: Dist
                 rehearse(tcfg, method_spec("ce"), teacher, None, tasks.teacher.train, device=device,
                          dist=dist, num_classes=tasks.teacher.num_classes, augment=_augment(tasks.teacher))
         ids = shared_classes(tasks.student, tasks.teacher)
+        if spec.shared_classes and teacher is not None:
+            teacher.probe(as_input(tasks.teacher.train.images[:2], device))
+            if teacher.num_classes != tasks.teacher.num_classes:
+                raise ConfigError(
+                    f"method '{spec.name}' maps the student's classes onto the teacher's outputs for "
+                    f"its data.teacher_classes={tasks.teacher.num_classes} classes, but the teacher "
+                    f"has {teacher.num_classes} outputs (teacher.kwargs); use refilled, rkd, pkt, sp, "
+                    "at or fitnet, which need no shared label space")
         rehearse(cfg, spec, student, teacher, tasks.student.train, device=device, dist=dist,
                  num_classes=tasks.student.num_classes, shared_classes=ids,
                  augment=_augment(tasks.student))
