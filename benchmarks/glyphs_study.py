@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -124,16 +123,19 @@ SELECT_GRID = {
     # stage 1's by the NCM accuracy of its embedding on validation, stage 2's (with lambda and
     # its batches) by the final student's. The REFILLED grids use stage 1's choice (0.4).
     "REFILLED stage 1": (("cross",), {"stage1.optim.lr": (0.1, 0.2, 0.4, 0.8)}),
-    "REFILLED": (("cross",), {"stage1.optim.lr": (0.4,), "train.lr": (0.2, 0.4),
-                              "stage2.lam": (1, 3), "train.m_per_class": (4, 0)}),
+    # Replicate 100 also ran train.m_per_class=4 (class-balanced stage-2 batches): 88.0 / 84.6 %
+    # validation at lambda 1 / 3 against 91.7 / 92.2 % shuffled, and train.lr=0.4 (90.9 % at
+    # lambda 1); the grid kept for both replicates is the part that won there.
+    "REFILLED": (("cross",), {"stage1.optim.lr": (0.4,), "train.lr": (0.2,),
+                              "stage2.lam": (1, 3), "train.m_per_class": (0,)}),
     "REFILLED, TPAMI hand-off": (("cross",), {"stage1.optim.lr": (0.4,), "train.lr": (0.2, 0.4),
                                               "train.m_per_class": (4, 0)}),
     "REFILLED, CVPR preset": (("cross",), {"stage1.optim.lr": (0.2,), "train.lr": (0.2,),
                                            "stage2.lam": (10, 100, 1000)}),
-    "REFILLED, random teacher": (("cross",), {"stage1.optim.lr": (0.4,), "train.lr": (0.2, 0.4),
-                                              "stage2.lam": (0.1, 1), "train.m_per_class": (4, 0)}),
 }
-SELECTED_AS = {"REFILLED, paper budget": "REFILLED"}  # takes REFILLED's chosen settings
+# These take REFILLED's chosen settings: the paper budget (only stage 2 is longer) and the random
+# teacher (the ablation that changes nothing but the teacher's weights).
+SELECTED_AS = {"REFILLED, paper budget": "REFILLED", "REFILLED, random teacher": "REFILLED"}
 
 
 def run_all(commands: list[list[str]], jobs: int) -> None:
@@ -196,14 +198,21 @@ def read_selection() -> dict:
 
     chosen: dict = {}
     for arm, (regimes, grid) in SELECT_GRID.items():
-        expected = math.prod(len(v) for v in grid.values())
+        expected = {tuple(f"{k}={v}" for k, v in zip(grid, values))
+                    for values in itertools.product(*grid.values())}
         for regime in regimes:
             scores: dict[tuple, list[float]] = {}
             for k in SELECT_REPLICATES:
-                for r in collect(_select_dir(arm, regime, k)):
-                    scores.setdefault(_setting(r["arm"], grid), []).append(100 * r["val_accuracy"])
-            if len(scores) != expected or any(len(v) != len(SELECT_REPLICATES) for v in scores.values()):
-                sys.exit(f"selection for {arm} ({regime}) is incomplete: run the `select` step first")
+                folder = _select_dir(arm, regime, k)
+                for r in collect(folder) if folder.is_dir() else []:
+                    setting = _setting(r["arm"], grid)
+                    if setting in expected:  # a cell of an earlier, wider grid is not a candidate
+                        scores.setdefault(setting, []).append(100 * r["val_accuracy"])
+            if set(scores) != expected or any(len(v) != len(SELECT_REPLICATES) for v in scores.values()):
+                # not selected (yet): the `run` step leaves this arm out and says so
+                print(f"selection for {arm} ({regime}) is incomplete: {len(scores)} of "
+                      f"{len(expected)} settings found, each needs both replicates", file=sys.stderr)
+                continue
             best = max(scores, key=lambda st: sum(scores[st]) / len(scores[st]))
             chosen[f"{arm} | {regime}"] = list(best)
             chosen[f"{arm} | {regime} (validation)"] = {" ".join(st): v for st, v in scores.items()}
@@ -217,7 +226,7 @@ def chosen_for(selected: dict, arm: str, regime: str) -> list[str]:
     if arm == "teacher NCM":
         return []
     regimes = SELECT_GRID[arm][0]
-    return selected[f"{arm} | {regime if regime in regimes else regimes[0]}"]
+    return selected.get(f"{arm} | {regime if regime in regimes else regimes[0]}")
 
 
 def study_commands(regimes, sizes, selected) -> list[list[str]]:
@@ -229,9 +238,11 @@ def study_commands(regimes, sizes, selected) -> list[list[str]]:
                 for arm in ARMS:
                     if regime not in ONLY.get(arm, REGIMES):
                         continue
+                    chosen = chosen_for(selected, arm, regime)
+                    if chosen is None:
+                        continue  # its selection is incomplete (reported by read_selection)
                     cmds.append(refilled(
-                        "run", REGIMES[regime],
-                        *arm_overrides(arm, per_class, chosen_for(selected, arm, regime)),
+                        "run", REGIMES[regime], *arm_overrides(arm, per_class, chosen),
                         f"data.train_per_class={per_class}", f"seed={k}", f"data.split_seed={k}",
                         f"teacher.checkpoint={teacher}", f"arm={arm}", "progress=false",
                         f"out_dir={OUT}/{regime}-{per_class}"))
