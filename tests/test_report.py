@@ -121,6 +121,10 @@ def test_report_arm_labels():
     assert report_arm({"method": "sp", "arm": "base"}) == "sp"  # an older sweep of seeds only
     assert report_arm({"method": "rkd", "arm": "rkd, data.student_offset=2"}) == "rkd"
     assert report_arm({"method": "refilled", "arm": "refilled, stage2.lam=3"}) == "refilled (stage2.lam=3)"
+    # a free-form label with commas stays whole (two such arms must not fall in one cell)
+    assert report_arm({"method": "refilled", "arm": "REFILLED, paper budget"}) == "REFILLED, paper budget"
+    assert report_arm({"method": "refilled", "arm": "REFILLED, TPAMI hand-off, stage2.lam=1"}) == (
+        "REFILLED, TPAMI hand-off (stage2.lam=1)")
     assert report_arm({"method": "refilled", "arm": None, "teacher_init": "random"}) == (
         "refilled (random teacher)")
 

@@ -194,7 +194,9 @@ def report_arm(record: dict) -> str:
     if not label:
         return arm_label(record)
     parts = label.split(", ")
-    name = parts[0] if "=" not in parts[0] and parts[0] != "base" else record["method"]
+    # the label's own words, commas included ("REFILLED, paper budget"), then the swept values
+    words = [p for p in parts if "=" not in p and p != "base"]
+    name = ", ".join(words) if words else record["method"]
     rest = [p for p in parts if "=" in p and p.partition("=")[0] not in _SHOWN_ELSEWHERE | {"method"}]
     return arm_label({**record, "arm": name + (f" ({', '.join(rest)})" if rest else "")})
 
