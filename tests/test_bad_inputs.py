@@ -110,6 +110,17 @@ def test_run_directory_without_its_config_is_not_resumed(config, capsys, tmp_pat
     assert written(tmp_path / "runs") == before
 
 
+def test_run_directory_of_another_config_names_the_keys(config, capsys, tmp_path):
+    code, res, err = run_cli(capsys, "run", config, "name=shared", "method=ce")
+    assert code == 0, err
+    before = written(tmp_path / "runs")
+    code, _, err = run_cli(capsys, "run", config, "name=shared", "method=ce", "train.lr=0.2")
+    one_line_error(code, err)
+    assert "holds a run with a different configuration" in err and str(res["run_dir"]) in err
+    assert "(train.lr: 0.05 there, 0.2 here)" in err, err
+    assert written(tmp_path / "runs") == before
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("config.yaml", b"\xff\xfe not yaml", "run config"),
     ("config.yaml", b"a: [1, 2", "run config"),

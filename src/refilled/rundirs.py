@@ -42,6 +42,9 @@ def _changed(tree: dict, default: dict) -> dict:
     return out
 
 
+_NOT_IN_DIGEST = ("out_dir", "name", "arm", "progress", "device", "eval_every")
+
+
 def config_digest(cfg: Config) -> str:
     """What defines a run's result (not where it is written, nor how it is displayed).
 
@@ -49,7 +52,7 @@ def config_digest(cfg: Config) -> str:
     never renames (and so never retrains) existing runs.
     """
     tree = _changed(to_dict(cfg), to_dict(Config()))
-    for key in ("out_dir", "name", "arm", "progress", "device", "eval_every"):
+    for key in _NOT_IN_DIGEST:
         tree.pop(key, None)
     if not needs_teacher(cfg.method):
         tree.pop("teacher", None)  # e.g. the student alone is the same run whatever the teacher
@@ -101,12 +104,13 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
 
         old = safe_load_yaml(saved, what="run config")
         try:
-            same = config_digest(make_config(old)) == config_digest(cfg)
+            old_cfg = make_config(old)
         except ConfigError:
-            same = False
-        if not same:
+            old_cfg = None
+        if old_cfg is None or config_digest(old_cfg) != config_digest(cfg):
+            what = "" if old_cfg is None else _differences(old_cfg, cfg)
             raise UserError(
-                f"run directory '{run_dir}' holds a run with a different configuration; "
+                f"run directory '{run_dir}' holds a run with a different configuration{what}; "
                 "give this run another name= or out_dir=, or delete that directory"
             )
         return
@@ -117,6 +121,26 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
             "cannot be told which config made them; restore its config.yaml, or delete the "
             "directory (or give this run another name=/out_dir=) to start afresh"
         )
+
+
+def _differences(saved: Config, cfg: Config, most: int = 3) -> str:
+    """`` (a: 1 there, 2 here; ...)``: the keys in which a saved run's config differs (a config
+    written before a default changed differs in that key although nobody set it)."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "kwargs":
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    skip = set(_NOT_IN_DIGEST) | (set() if needs_teacher(cfg.method) else {"teacher"})
+    mine = dict(flat(to_dict(cfg)))
+    diffs = [f"{key}: {value!r} there, {mine.get(key)!r} here" for key, value in flat(to_dict(saved))
+             if mine.get(key) != value and key.split(".")[0] not in skip]
+    if not diffs:
+        return ""
+    more = f"; and {len(diffs) - most} more" if len(diffs) > most else ""
+    return f" ({'; '.join(diffs[:most])}{more})"
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, rank: int = 0) -> None:
