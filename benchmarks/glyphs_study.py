@@ -385,6 +385,23 @@ def summary_table(cells, answer) -> str:
     return "\n".join(lines)
 
 
+def selection_table(selected: dict) -> str:
+    """Every candidate of the selection: validation accuracy per selection replicate and the
+    mean; the chosen one in bold."""
+    lines = ["| arm | regime | candidate | val. acc. (%), k = 100 / 101 | mean |", "|---|---|---|---|---|"]
+    for key, scores in selected.items():
+        if not key.endswith(" (validation)"):
+            continue
+        arm, regime = key[: -len(" (validation)")].split(" | ")
+        best = " ".join(selected[f"{arm} | {regime}"])
+        for setting, vals in sorted(scores.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
+            mean = f"{sum(vals) / len(vals):.1f}"
+            mark = (lambda t: f"**{t}**") if setting == best else (lambda t: t)
+            lines.append(f"| {arm} | {regime} | {mark(setting)} | {' / '.join(f'{v:.1f}' for v in vals)} "
+                         f"| {mark(mean)} |")
+    return "\n".join(lines)
+
+
 def plot(cells, path: Path) -> None:
     import matplotlib
 
@@ -459,6 +476,9 @@ def main() -> None:
     p.add_argument("--sizes", default="5,20")
     p.add_argument("--arms", default=None, help="only these arms, separated by ';'")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--reverse", action="store_true",
+                   help="last command first: a second process on the same grid meets the first "
+                        "in the middle (a run another process holds is waited for, then skipped)")
     args = p.parse_args()
     regimes = args.regimes.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -479,7 +499,10 @@ def main() -> None:
         table, cells, answer = analyse(regimes, sizes)
         plot(cells, ROOT / "benchmarks" / "glyphs_study.png")
         summary = summary_table(cells, answer)
-        out = {"table": table, "summary": summary, "selected": selected, "answer": answer,
+        print(selection_table(selected))
+        print()
+        out = {"table": table, "summary": summary, "selection": selection_table(selected),
+               "selected": selected, "answer": answer,
                "teacher_geometry": teacher_geometry()}
         print(table)
         print()
@@ -489,6 +512,8 @@ def main() -> None:
 
         atomic_write_text(ROOT / "benchmarks" / "glyphs_study.json", json.dumps(out, indent=1) + "\n")
         return
+    if args.reverse:
+        cmds.reverse()
     for c in cmds:
         print(shlex.join(["refilled", *c[1:]]))
     if not args.dry_run:
