@@ -19,8 +19,9 @@ from refilled.report import markdown_table, plot_arms, summarize
 
 ALONE, REFILLED, RANDOM = "student alone", "REFILLED", "REFILLED, random teacher"
 ARMS = {
-    # The student alone gets the same 600 steps as REFILLED's 200 (stage 1) + 400 (stage 2).
-    ALONE: ["method=ce", "train.epochs=300"],
+    # The student alone gets the same 600 steps as REFILLED's 200 (stage 1) + 400 (stage 2), at
+    # the learning rate chosen for it on validation (benchmarks/demo_selection.md).
+    ALONE: ["method=ce", "train.epochs=300", "train.lr=0.05"],
     REFILLED: ["method=refilled"],
     RANDOM: ["method=refilled", "teacher.init=random"],
 }
