@@ -315,7 +315,8 @@ def analyse(regimes, sizes):
     cells = {}
     for regime in regimes:
         for per_class in sizes:
-            records = collect(OUT / f"{regime}-{per_class}")
+            folder = OUT / f"{regime}-{per_class}"
+            records = collect(folder) if folder.is_dir() else []  # a cell not run yet
             if records:
                 cells[(regime, per_class)] = records
 
