@@ -333,7 +333,7 @@ def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Net
             "overlap": len(student_ids) if role == "student" else None,
             "train_images": len(task.train.labels),
             "empty_mining_batches": getattr(history, "empty_batches", 0),
-        **getattr(history, "notes", {}),
+            **getattr(history, "notes", {}),
             "wall_seconds": round(time.perf_counter() - tic, 2),
             "config_digest": config_digest(cfg),
             "run_dir": str(run_dir),

@@ -133,10 +133,11 @@ def _differences(saved: Config, cfg: Config, most: int = 3) -> str:
             else:
                 yield f"{prefix}{key}", value
 
-    skip = set(_NOT_IN_DIGEST) | (set() if needs_teacher(cfg.method) else {"teacher"})
+    changed = _changed(to_dict(saved), to_dict(cfg))
+    for key in (*_NOT_IN_DIGEST, *(() if needs_teacher(cfg.method) else ("teacher",))):
+        changed.pop(key, None)
     mine = dict(flat(to_dict(cfg)))
-    diffs = [f"{key}: {value!r} there, {mine.get(key)!r} here" for key, value in flat(to_dict(saved))
-             if mine.get(key) != value and key.split(".")[0] not in skip]
+    diffs = [f"{key}: {value!r} there, {mine.get(key)!r} here" for key, value in flat(changed)]
     if not diffs:
         return ""
     more = f"; and {len(diffs) - most} more" if len(diffs) > most else ""

@@ -129,8 +129,10 @@ def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
     before = embedding_norm(student, train.images, device, dist=dist)
     goal = target if target is not None else math.sqrt(student.num_features)
     layer = last_norm_layer(student)
-    if layer is None or not before or before <= 0:
+    if layer is None:
         return {"handoff": "none (no normalisation layer to rescale)", "handoff_scale": None}
+    if not before > 0:
+        return {"handoff": "none (the embedding is zero on the training images)", "handoff_scale": None}
     factor = goal / before
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     layer.weight.mul_(factor)
