@@ -129,3 +129,14 @@ def test_relation_loss_takes_pytorch_metric_learning_triplets():
                                       distance=LpDistance(normalize_embeddings=True, p=2, power=1))
     loss = refilled.RelationMatchingLoss()
     assert torch.allclose(loss(s, t, y, indices_tuple=miner(s, y)), loss(s, t, y), rtol=1e-5)
+
+
+def test_a_handoff_that_cannot_rescale_warns_once_and_notes_why(capsys):
+    torch.manual_seed(0)
+    student = sequential_teacher()  # no normalisation layer: nothing to rescale
+    refilled.distill(sequential_teacher(), student, digits(5, 10, per_class=12), **{**SMALL, "progress": True})
+    err = capsys.readouterr().err
+    assert err.count("hand-off not rescaled: no normalisation layer to rescale") == 1, err
+    notes = student.refilled_history.notes
+    assert notes["handoff"] == "none (no normalisation layer to rescale)" and notes["handoff_scale"] is None
+    assert "warning" not in notes  # printed for the user, not stored with the run

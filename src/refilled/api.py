@@ -484,11 +484,11 @@ def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | Non
     history = History()
     for stage in stages:
         if stage.prepare is not None:
-            history.notes.update(stage.prepare() or {})
-            note = str(history.notes.get("handoff", ""))
-            if note.startswith("none (") and cfg.progress and dist.is_main:
-                print(f"refilled: {stage.name}: hand-off not rescaled: {note[6:-1]}; the classifier "
-                      "starts on the embedding as stage 1 left it", file=sys.stderr)
+            notes = dict(stage.prepare() or {})
+            warning = notes.pop("warning", None)  # for the user, not a note of the run
+            history.notes.update(notes)
+            if warning and cfg.progress and dist.is_main:
+                print(f"refilled: {stage.name}: {warning}", file=sys.stderr)
         loader = _loader(train, stage.optim, seed=cfg.seed, device=device, dist=dist,
                          augment=augment, channels_last=channels_last)
         rows = train_stage(

@@ -67,14 +67,16 @@ class Stage:
     ``name`` names the checkpoint (``<name>.ckpt``); ``validate`` is ``"accuracy"`` (the
     student's classifier on the validation split) or ``"ncm"`` (nearest class mean on the
     embedding, for stages that do not train the classifier). ``prepare`` runs right before
-    the stage trains or resumes (e.g. a fresh classifier for REFILLED's stage 2).
+    the stage trains or resumes (e.g. a fresh classifier for REFILLED's stage 2); it may return
+    a dict of notes for the run's results, whose ``"warning"`` entry, if any, is printed for the
+    user instead of stored.
     """
 
     name: str
     method: Method
     optim: Any  # refilled.config.OptimConfig
     validate: str = "accuracy"
-    prepare: Callable[[], None] | None = None
+    prepare: Callable[[], dict | None] | None = None
 
 
 def _train_schedule(cfg: "Config") -> list[tuple[str, "OptimConfig", bool]]:

@@ -107,6 +107,12 @@ def last_norm_layer(student) -> nn.Module | None:
     return found
 
 
+def _not_rescaled(why: str) -> dict:
+    return {"handoff": f"none ({why})", "handoff_scale": None,
+            "warning": f"hand-off not rescaled: {why}; the classifier starts on the embedding "
+                       "as stage 1 left it"}
+
+
 @torch.no_grad()
 def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
     """The hand-off: scale the affine transform (weight and bias) of the student's last
@@ -120,7 +126,8 @@ def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
     changes no direction and no dynamics before it; it is exact when only positively
     homogeneous layers follow (ReLU, pooling: the zoo's CNNs and WRNs), which is checked: where
     it is not (a residual sum after it, ReLU6, no such layer), nothing is changed and the note
-    says so. Returns ``{"handoff": note, "handoff_scale": factor or None}``."""
+    says so. Returns ``{"handoff": note, "handoff_scale": factor or None}``, plus
+    ``"warning"`` (one line for the user) when it could not rescale."""
     from refilled.evaluation import embedding_norm
     from refilled.runtime import Dist
 
@@ -130,9 +137,9 @@ def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
     goal = target if target is not None else math.sqrt(student.num_features)
     layer = last_norm_layer(student)
     if layer is None:
-        return {"handoff": "none (no normalisation layer to rescale)", "handoff_scale": None}
+        return _not_rescaled("no normalisation layer to rescale")
     if not before > 0:
-        return {"handoff": "none (the embedding is zero on the training images)", "handoff_scale": None}
+        return _not_rescaled("the embedding is zero on the training images")
     factor = goal / before
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     layer.weight.mul_(factor)
@@ -141,8 +148,7 @@ def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
     if abs(after - goal) > 0.02 * goal:
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
-        return {"handoff": "none (the embedding is not proportional to the last normalisation "
-                           "layer's output)", "handoff_scale": None}
+        return _not_rescaled("the embedding is not proportional to the last normalisation layer's output")
     return {"handoff": f"rescaled: mean embedding norm {before:.3g} -> {after:.3g}",
             "handoff_scale": factor}
 
