@@ -117,8 +117,14 @@ SELECT_GRID = {
     "label smoothing": (("cross", "overlap", "same"),
                         {"train.lr": (0.2, 0.4), "baselines.label_smoothing": (0.1, 0.3),
                          "train.m_per_class": (4, 0)}),
-    "RKD": (("cross",), {"train.lr": (0.2, 0.4), "train.m_per_class": (4, 0)}),
-    "KD": (("overlap",), {"train.lr": (0.2, 0.4), "train.m_per_class": (4, 0)}),
+    # RKD and KD first ran lr x batches at the papers' weights (RKD 25 / 50, KD alpha 0.9, T 4):
+    # best 72.7 % (RKD, cross) and 73.4 % (KD, overlap) validation, both with lr 0.4 and shuffled
+    # batches, far below the student alone (88.3 / 79.8 %); lr 0.2 or class-balanced batches were
+    # 52.7-72.7 % (RKD) and 55.8-67.1 % (KD). Their weights were then swept at that lr and batches.
+    "RKD": (("cross",), {"train.lr": (0.4,), "train.m_per_class": (0,),
+                         "baselines.rkd_distance_weight": (25, 2.5), "baselines.rkd_angle_weight": (50, 5)}),
+    "KD": (("overlap",), {"train.lr": (0.4,), "train.m_per_class": (0,),
+                          "baselines.kd_alpha": (0.9, 0.5), "baselines.kd_temperature": (4, 2)}),
     # The two stages' learning rates are chosen independently (issue 14: they were tied before):
     # stage 1's by the NCM accuracy of its embedding on validation, stage 2's (with lambda and
     # its batches) by the final student's. The REFILLED grids use stage 1's choice (0.4).
@@ -348,7 +354,10 @@ def analyse(regimes, sizes):
                "vs_best_control": _stats(paired(records, "REFILLED", control)),
                "vs_own_stage1_ncm": _stats(paired(records, "REFILLED", "REFILLED",
                                                   base_field="stage1_ncm_accuracy")),
-               "paper_budget_vs_best_control": _stats(paired(records, "REFILLED, paper budget", control))}
+               "paper_budget_vs_best_control": _stats(paired(records, "REFILLED, paper budget", control)),
+               # the teacher-based baselines, tuned the same way (KD only where classes are shared)
+               "vs_kd": _stats(paired(records, "REFILLED", "KD")),
+               "vs_rkd": _stats(paired(records, "REFILLED", "RKD"))}
         if regime == "cross" and per_class in GOALS and row["vs_best_control"]:
             g, own = row["vs_best_control"], row["vs_own_stage1_ncm"]
             row["goal"] = {"points": GOALS[per_class],
@@ -370,11 +379,12 @@ def summary_table(cells, answer) -> str:
 
     def gain(d):
         return "—" if d is None else f"{d['mean']:+.1f} ± {d['std']:.1f} [±{d['ci95']:.1f}]" + (
-            " *" if d["significant"] else "")
+            " *" if abs(d["mean"]) > d["ci95"] else "")  # the interval excludes zero, either side
 
     lines = ["| regime | img/class | n | student alone | best control (on val.) | REFILLED | its stage-1 NCM "
-             "| teacher NCM | REFILLED − best control | REFILLED − random teacher | REFILLED − its stage-1 NCM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| teacher NCM | REFILLED − best control | REFILLED − random teacher | REFILLED − its stage-1 NCM "
+             "| REFILLED − KD | REFILLED − RKD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in answer:
         records = cells[(row["regime"], row["per_class"])]
         n = len({r["seed"] for r in records if r["arm"] == "REFILLED"})
@@ -382,7 +392,8 @@ def summary_table(cells, answer) -> str:
                      f"{row['best_control']}: {acc(records, row['best_control'])} | {acc(records, 'REFILLED')} | "
                      f"{acc(records, 'REFILLED', 'stage1_ncm_accuracy')} | {acc(records, 'teacher NCM')} | "
                      f"{gain(row.get('vs_best_control'))} | {gain(row.get('vs_random'))} | "
-                     f"{gain(row.get('vs_own_stage1_ncm'))} |")
+                     f"{gain(row.get('vs_own_stage1_ncm'))} | {gain(row.get('vs_kd'))} | "
+                     f"{gain(row.get('vs_rkd'))} |")
     return "\n".join(lines)
 
 
