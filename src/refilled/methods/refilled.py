@@ -133,11 +133,11 @@ def rescale_embedding(student, train, target: float | None, dist=None) -> dict:
 
     dist = dist or Dist()
     device = next(student.parameters()).device
+    layer = last_norm_layer(student)
+    if layer is None:  # checked first: no pass over the training images for nothing
+        return _not_rescaled("no normalisation layer to rescale")
     before = embedding_norm(student, train.images, device, dist=dist)
     goal = target if target is not None else math.sqrt(student.num_features)
-    layer = last_norm_layer(student)
-    if layer is None:
-        return _not_rescaled("no normalisation layer to rescale")
     if not before > 0:
         return _not_rescaled("the embedding is zero on the training images")
     factor = goal / before
