@@ -45,8 +45,9 @@ from refilled.evaluation import (
     sample_episodes,
     split_accuracy,
 )
-from refilled.files import atomic_torch_save, atomic_write_text, safe_load
+from refilled.files import atomic_write_text
 from refilled.methods import MethodSpec, method_spec
+from refilled.models.checkpoints import network_from_model_file, read_model_file, save_model
 from refilled.models.external import build_module, check_arch, load_weights
 from refilled.networks import FrozenTeacher, Network
 from refilled.rundirs import (
@@ -85,38 +86,12 @@ def build_network(section, role: str, task: Task, num_classes: int, device) -> N
     return net.to(device)
 
 
-def save_model(path: Path, network: Network, section, num_classes: int, task: Task, extra: dict) -> None:
-    """A checkpoint that describes itself: architecture, sizes, weights and what it scored."""
-    images = task.train.images
-    atomic_torch_save(
-        {"arch": section.arch, "kwargs": dict(section.kwargs), "num_classes": num_classes,
-         "in_chans": int(images.shape[1]), "input_size": int(images.shape[-1]),
-         "num_features": network.num_features, "embedding": section.embedding,
-         "head": section.head, "mean": _stat(network.mean), "std": _stat(network.std),
-         "state_dict": network.module_state_dict(), **extra},
-        path,
-    )
-
-
-def _stat(t):
-    return None if t is None else [float(v) for v in t.flatten()]
-
-
 def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[Network, Path]:
     """The teacher from a refilled ``model.pt`` (or the run directory holding one), checked
     against the config's architecture, classes and input channels."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint '{path}' does not exist; train one with "
-                        "`refilled run` (it writes model.pt), give a plain state_dict as "
-                        "teacher.weights, or leave teacher.checkpoint unset")
-    ckpt = safe_load(path, what="teacher checkpoint")
-    keys = ("arch", "state_dict", "num_classes", "in_chans")
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
-        raise UserError(f"'{path}' is not a refilled model checkpoint (no {'/'.join(keys)} inside); "
-                        "for a plain state_dict file use teacher.weights")
+    ckpt, path = read_model_file(path, hint="; train one with `refilled run` (it writes model.pt), "
+                                 "give a plain state_dict as teacher.weights, or leave "
+                                 "teacher.checkpoint unset")
     t = cfg.teacher
     in_chans = int(task.train.images.shape[1])
     for what, want, have in (("architecture", t.arch, ckpt["arch"]),
@@ -125,20 +100,10 @@ def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[
         if want != have:
             raise UserError(f"teacher checkpoint '{path}' has {what} {have!r}, but the config "
                             f"asks for {want!r}; fix teacher.* / data.* or use another checkpoint")
-    module = build_module(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"],
-                          input_size=ckpt.get("input_size"), kwargs=ckpt.get("kwargs", {}),
-                          role="teacher")
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0][:300]
-        raise UserError(f"teacher checkpoint '{path}' does not fit {ckpt['arch']}: {first}") from None
     # the statistics it was trained with (saved with it), unless the config gives others
-    mean = t.mean if t.mean is not None else (ckpt.get("mean") or task.info["mean"])
-    std = t.std if t.std is not None else (ckpt.get("std") or task.info["std"])
-    net = Network(module, embedding=t.embedding if t.embedding is not None else ckpt.get("embedding"),
-                  head=t.head if t.head is not None else ckpt.get("head"), mean=mean, std=std,
-                  maps=t.maps, role="teacher")
+    net = network_from_model_file(ckpt, path, role="teacher", embedding=t.embedding, head=t.head,
+                                  mean=t.mean, std=t.std, maps=t.maps,
+                                  default_stats=(task.info["mean"], task.info["std"]))
     return net.to(device), path
 
 
@@ -313,7 +278,11 @@ def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Net
         figures = evaluate(cfg, spec, task, student, teacher, device, dist)
         history = getattr(student, "refilled_history", [])
         if dist.is_main and saves_model:
-            save_model(run_dir / "model.pt", student, cfg.student, task.num_classes, task, {})
+            images = task.train.images
+            save_model(run_dir / "model.pt", student, arch=cfg.student.arch, kwargs=cfg.student.kwargs,
+                       num_classes=task.num_classes, in_chans=int(images.shape[1]),
+                       input_size=int(images.shape[-1]), class_names=task.class_names,
+                       embedding=cfg.student.embedding, head=cfg.student.head)
         results = {
             "method": cfg.method,
             "arm": cfg.arm,
