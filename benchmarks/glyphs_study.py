@@ -262,7 +262,7 @@ def prune(regimes, sizes, selected) -> None:
     import shutil
 
     from refilled.config import load_config
-    from refilled.rundirs import run_name
+    from refilled.runs import run_name
 
     wanted = set()
     for cmd in study_commands(regimes, sizes, selected):
@@ -460,7 +460,8 @@ def teacher_geometry() -> dict:
 
     from refilled.config import load_config
     from refilled.evaluation import predict
-    from refilled.pipeline import PROTOCOLS, prepare_teacher
+    from refilled.pipeline import make_teacher
+    from refilled.protocols import PROTOCOLS
     from refilled.runtime import Dist
 
     out = {}
@@ -468,7 +469,7 @@ def teacher_geometry() -> dict:
         cfg = load_config(REGIMES["cross"], [f"teacher.checkpoint={teacher_dir()}", f"teacher.init={init}",
                                              "progress=false"])
         tasks = PROTOCOLS["distill"].tasks(cfg)
-        teacher, _ = prepare_teacher(cfg, tasks, torch.device("cpu"), Dist())
+        teacher = make_teacher(cfg, tasks, torch.device("cpu"), Dist()).network
         task = tasks.student
         emb, _ = predict(teacher, task.train.images, "cpu")
         e = F.normalize(emb.float(), dim=1)

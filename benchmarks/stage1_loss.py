@@ -39,8 +39,8 @@ from refilled.losses import (
     _few_tuples,
     _relation_terms_dense,
     relation_matching_loss,
-    relation_matching_terms,
 )
+from refilled.losses import _relation_matching_terms as relation_matching_terms  # the training form
 from refilled.mining import normalized_distances, semihard_from_distances
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from refilled.config import Stage1Config, Stage2Config
-from refilled.losses import relation_matching_terms
+from refilled.losses import _relation_matching_terms as relation_matching_terms  # the unchecked training form
 from refilled.methods import CrossEntropy, LocalClassifierDistillation, RelationMatching
 from refilled.models import create_model
 from refilled.networks import FrozenTeacher, Network

@@ -115,13 +115,13 @@ def test_finetune_copies_old_rows_and_linear_probe_freezes_the_backbone():
 
 
 def test_method_arch_check_is_a_config_error():
-    from refilled.pipeline import check_config
+    from refilled.protocols import check_config
 
     with pytest.raises(ConfigError, match="teacher.arch"):  # before any data is read
         check_config(make_config({"method": "linear_probe", "student": {"arch": "mlp"},
                                   "teacher": {"arch": "cnn_small"}}))
     with pytest.raises(ConfigError, match="protocol: fewshot"):
-        make_config({"method": "teacher_prototypes"})
+        check_config(make_config({"method": "teacher_prototypes"}))
     with pytest.raises(ConfigError, match="fewshot.eval"):
         make_config({"protocol": "fewshot", "fewshot": {"eval": "ncm"}})
 

@@ -44,7 +44,7 @@ EARLY = [  # (overrides, a piece of the message): all found before the teacher t
     (["seed=1099511627776"], "config key 'seed'"),
     (["data.image_size=-3"], "data.image_size"),
     (["stage1.optim.m_per_class=1", "stage1.optim.batch_size=20"], "positive pair"),
-    (["ablation=stage1_only", "stage1.optim.epochs=0"], "stage1.optim.epochs is 0"),
+    (["ablation=stage1_only", "stage1.optim.epochs=0"], "stage1.optim.epochs=0 trains nothing"),
     (["data.name=imagenet"], "config key 'data.name'"),
     (["train.m_per_class=4", "train.batch_size=40"], "batches of 10 classes"),
     (["teacher.embedding=nowhere"], "teacher.embedding: the teacher has no submodule 'nowhere'"),
@@ -125,7 +125,7 @@ def test_run_directory_of_another_config_names_the_keys(config, capsys, tmp_path
     ("config.yaml", b"\xff\xfe not yaml", "run config"),
     ("config.yaml", b"a: [1, 2", "run config"),
     ("results.json", b"{not json", "results file"),
-    ("results.json", b'{"loss": 1}', "not a refilled results file"),
+    ("results.json", b'{"loss": 1}', "not a refilled result"),
     ("train.ckpt", b"garbage", "checkpoint"),
 ])
 def test_corrupt_files_in_a_run_directory_are_named(config, capsys, tmp_path, name, content, message):

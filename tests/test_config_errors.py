@@ -51,7 +51,7 @@ def test_the_same_key_twice_on_the_command_line():
         ("train.lr=[0.1", "override 'train.lr=[0.1', line 1, column 5: not valid YAML"),
         ("train.lr={a: 1", "override 'train.lr={a: 1'"),
         ("name=a: b: c", "not valid YAML"),
-        ("name=a: b", "config key 'name' expects str, got {'a': 'b'}"),
+        ("name=a: b", "config key 'name' expects a string, got {'a': 'b'}"),
         ("name=!!python/name:os.system", "not valid YAML"),
     ],
 )

@@ -411,8 +411,9 @@ def test_augment_batch_extras_match_per_sample_loop():
 
 
 def test_glyph_training_loader_uses_the_extra_augmentation(tmp_path):
-    from refilled.pipeline import _augment
-    from refilled.tasks import Split, Task
+    from refilled.pipeline import augment_of as _augment
+    from refilled.data import Split
+    from refilled.protocols import Task
 
     info = {**DATASET_INFO["glyphs"], "in_chans": 1}
     split = Split(torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.arange(8) % 2)
@@ -427,8 +428,8 @@ def test_data_augment_false_switches_training_augmentation_off():
     from tiny import TINY
 
     from refilled.config import make_config
-    from refilled.pipeline import _augment
-    from refilled.tasks import window_task
+    from refilled.pipeline import augment_of as _augment
+    from refilled.protocols import window_task
 
     on = window_task(make_config(TINY), "student")
     off = window_task(make_config(TINY, ["data.augment=false"]), "student")

@@ -226,7 +226,7 @@ def test_handoff_rescales_the_last_norm_layer_exactly_or_not_at_all():
 
     from refilled.methods.refilled import rescale_embedding
     from refilled.networks import Network
-    from refilled.tasks import Split
+    from refilled.data import Split
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)

@@ -29,7 +29,7 @@ def test_refilled_end_to_end_writes_a_complete_run(config_file, capsys, tmp_path
     from refilled.evaluation import ncm_eval
     from refilled.models import create_model
     from refilled.networks import Network
-    from refilled.tasks import window_task
+    from refilled.protocols import window_task
 
     task = window_task(load_config(config_file), "student")
     after_stage1 = Network(create_model("cnn_small", 5, 1), mean=task.info["mean"], std=task.info["std"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import refilled.api
+import refilled.distillation
 from refilled.sweep import cell_label, expand, run_sweep, split_values
 from tiny import tiny
 
@@ -40,7 +40,7 @@ def test_sweep_run_twice_trains_nothing_the_second_time(tmp_path, monkeypatch, c
     def no_training(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")
 
-    monkeypatch.setattr(refilled.api, "train_stage", no_training)
+    monkeypatch.setattr(refilled.distillation, "train_stage", no_training)
     second = run_sweep(str(config), overrides, progress=False)
     assert second["rows"] == first["rows"]
     assert [p.stat().st_mtime_ns for p in results] == mtimes

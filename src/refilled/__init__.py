@@ -5,6 +5,10 @@ The Python API::
     import refilled
     student = refilled.distill(teacher, student, (images, labels), stage1_epochs=30, stage2_epochs=70)
 
+    # or in two steps: every check first (no step taken), then the training
+    plan = refilled.prepare(teacher, student, (images, labels), config=refilled.make_config())
+    refilled.fit(plan)
+
     # or REFILLED's two losses in a training loop of your own:
     stage1 = refilled.RelationMatchingLoss(tau=4.0, margin=0.2)
     stage2 = refilled.LocalClassifierLoss(tau_teacher=1.0)
@@ -13,7 +17,15 @@ The Python API::
 
 __version__ = "0.2.0"
 
-from refilled.errors import ConfigError, DatasetNotFoundError, UserError
+from refilled.errors import (
+    ConfigError,
+    DataError,
+    DatasetNotFoundError,
+    RefilledError,
+    RunDirError,
+    TrainingDiverged,
+    UserError,
+)
 from refilled.losses import (
     LocalClassifierLoss,
     RelationMatchingLoss,
@@ -33,24 +45,30 @@ from refilled.losses import (
 from refilled.mining import semihard_tuples
 from refilled.ncm import class_centers, ncm_accuracy, ncm_logits
 from refilled.networks import FrozenTeacher, Network
-from refilled.api import History, distill  # noqa: E402  (after the pieces it is built from)
+from refilled.distillation import History, Plan, distill, fit, prepare  # noqa: E402
 from refilled.config import Config, load_config, make_config  # noqa: E402
 from refilled.models import create_model, list_models  # noqa: E402
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DataError",
     "DatasetNotFoundError",
     "FrozenTeacher",
     "History",
     "LocalClassifierLoss",
     "Network",
+    "Plan",
+    "RefilledError",
     "RelationMatchingLoss",
+    "RunDirError",
+    "TrainingDiverged",
     "UserError",
     "at_loss",
     "class_centers",
     "create_model",
     "distill",
+    "fit",
     "fitnet_loss",
     "kd_loss",
     "label_smoothing_ce",
@@ -62,6 +80,7 @@ __all__ = [
     "ncm_accuracy",
     "ncm_logits",
     "pkt_loss",
+    "prepare",
     "relation_matching_loss",
     "relation_matching_terms",
     "rkd_loss",

@@ -133,7 +133,7 @@ def _dispatch(args) -> int:
         print(write_report(args.runs_dir, out=args.out, baseline=args.baseline))
     elif args.command == "config":
         from refilled.config import dump_yaml, load_config
-        from refilled.pipeline import check_config
+        from refilled.protocols import check_config
 
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)  # the names too, as `refilled run` checks them

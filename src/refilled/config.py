@@ -6,10 +6,20 @@ above the YAML file so that it takes effect on any experiment file (e.g. ``stage
 that sets stage-1 epochs); an override that contradicts one of its keys is an error.
 A key that does not exist, or a value of the wrong type, is a :class:`ConfigError` naming the
 key. The resolved config is frozen, saved in each run directory, and never mutated.
+
+Python keywords (``refilled.distill(lr=0.05, stage2={"lam": 3})``) and command-line overrides
+(``train.lr=0.05``) set keys through one setter (:func:`set_key`) and are typed alike. Messages
+name a key in the caller's words (:func:`name`, :func:`subject`): the dotted key for the command
+line and YAML files, the keyword (``lr=``) for a Python caller (:func:`speaking`).
+
+This module sits at the bottom of the package: it imports no registry (the method's name is
+checked where the method registry is, :func:`refilled.protocols.check_config`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -194,7 +204,7 @@ class SpeedConfig:
 
 @dataclass(frozen=True)
 class IncrementalConfig:
-    """One-step incremental learning (``protocol: incremental``, :mod:`refilled.tasks`).
+    """One-step incremental learning (``protocol: incremental``, :mod:`refilled.protocols`).
 
     The old model (the teacher) knows order[0:data.teacher_classes]; the student learns those
     plus the next ``new_classes`` classes of the order.
@@ -206,7 +216,7 @@ class IncrementalConfig:
 
 @dataclass(frozen=True)
 class FewShotConfig:
-    """Few- / middle-shot learning (``protocol: fewshot``, :mod:`refilled.tasks`).
+    """Few- / middle-shot learning (``protocol: fewshot``, :mod:`refilled.protocols`).
 
     The teacher knows the base classes order[0:data.teacher_classes]; the student learns the
     novel classes order[s:s+novel_classes], s = data.student_offset (>= data.teacher_classes).
@@ -244,6 +254,93 @@ class Config:
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
+# ------------------------------------------------------------------ the caller's words
+
+# Python keywords of refilled.distill() -> the dotted config keys each sets (one setter for both
+# entries: :func:`set_key`). A keyword that sets two keys sets both stages alike.
+SHORTCUTS: dict[str, tuple[str, ...]] = {
+    "method": ("method",),
+    "seed": ("seed",),
+    "ablation": ("ablation",),
+    "eval_every": ("eval_every",),
+    "progress": ("progress",),
+    "stage1_epochs": ("stage1.optim.epochs",),
+    "stage2_epochs": ("train.epochs",),
+    "lr": ("train.lr",),
+    "stage1_lr": ("stage1.optim.lr",),
+    "batch_size": ("train.batch_size", "stage1.optim.batch_size"),
+    "m_per_class": ("train.m_per_class", "stage1.optim.m_per_class"),
+    "lam": ("stage2.lam",),
+    "preset": ("stage2.preset",),
+    "embedding": ("student.embedding",),
+    "head": ("student.head",),
+    "mean": ("student.mean",),
+    "std": ("student.std",),
+    "maps": ("student.maps",),
+    "teacher_embedding": ("teacher.embedding",),
+    "teacher_head": ("teacher.head",),
+    "teacher_mean": ("teacher.mean",),
+    "teacher_std": ("teacher.std",),
+    "teacher_maps": ("teacher.maps",),
+    "amp": ("speed.amp",),
+    "compile": ("speed.compile",),
+    "device": ("device",),
+}
+# The keyword that names a dotted key for a Python caller (the first keyword that sets it).
+_KEYWORD_OF: dict[str, str] = {}
+for _word, _keys in SHORTCUTS.items():
+    for _key in _keys:
+        _KEYWORD_OF.setdefault(_key, _word)
+
+_SPEAKER: contextvars.ContextVar[str] = contextvars.ContextVar("refilled_speaker", default="cli")
+
+
+@contextlib.contextmanager
+def speaking(caller: str):
+    """Within this block, messages name keys as ``caller`` writes them: ``"python"`` (keywords
+    of :func:`refilled.distill`) or ``"cli"`` (dotted config keys, the default)."""
+    if caller not in ("python", "cli"):
+        raise ValueError(f"caller must be 'python' or 'cli', got {caller!r}")
+    token = _SPEAKER.set(caller)
+    try:
+        yield
+    finally:
+        _SPEAKER.reset(token)
+
+
+def python_caller() -> bool:
+    return _SPEAKER.get() == "python"
+
+
+def spell(dotted: str) -> str:
+    """How the caller spells a key: ``train.lr`` on the command line, ``lr=`` from Python (a
+    key without a keyword as the section mapping that sets it: ``stage2={"tau_teacher": ...}``)."""
+    if not python_caller():
+        return dotted
+    if dotted in _KEYWORD_OF:
+        return f"{_KEYWORD_OF[dotted]}="
+    section, _, rest = dotted.partition(".")
+    if not rest:
+        return f"{section}="
+    inner = "".join('{"' + part + '": ' for part in rest.split("."))
+    return f"{section}={inner}...{'}' * len(rest.split('.'))}"
+
+
+def setting(dotted: str, value: Any) -> str:
+    """A key set to a value, as the caller writes it: ``train.lr=0.1`` or ``lr=0.1``."""
+    return f"{spell(dotted)}{value!r}" if python_caller() else f"{dotted}={value}"
+
+
+def subject(dotted: str) -> str:
+    """A key as the subject of a sentence: ``config key 'train.lr'`` or ``lr=``."""
+    return spell(dotted) if python_caller() else f"config key '{dotted}'"
+
+
+def say(cli: str, python: str) -> str:
+    """The same advice in the caller's words (e.g. "run the command again" / "call it again")."""
+    return python if python_caller() else cli
+
+
 # ------------------------------------------------------------------ building and checking
 
 
@@ -253,6 +350,9 @@ def _hints(cls) -> dict[str, Any]:
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _coerce(key: str, value: Any, tp) -> Any:
@@ -273,30 +373,27 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise errors[0]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+            raise ConfigError(f"{subject(key)} expects a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1]
         return tuple(_coerce(key, v, item) for v in value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+            raise ConfigError(f"{subject(key)} expects a mapping, got {value!r}")
         return dict(value)
-    if tp is float and isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads '1e-3' as a string
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)
         except OverflowError:  # an integer too large for a float
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+            raise ConfigError(f"{subject(key)} must be a finite number, got {value}")
         return number
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (bool, str) and isinstance(value, tp):
         return value
-    raise ConfigError(
-        f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-    )
+    raise ConfigError(f"{subject(key)} expects {_TYPE_WORDS.get(tp, _type_name(tp))}, got {value!r} "
+                      f"({_TYPE_WORDS.get(type(value), type(value).__name__)})")
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -314,7 +411,7 @@ def _build(cls, values: dict, prefix: str = ""):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{dotted}' is a section; give it a mapping")
+                raise ConfigError(f"{subject(dotted)} is a section; give it a mapping")
             kwargs[key] = _build(tp, value, dotted + ".")
         else:
             kwargs[key] = _coerce(dotted, value, tp)
@@ -322,13 +419,14 @@ def _build(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_key(tree: dict, dotted: str, value: Any) -> None:
+    """The one setter of a dotted key in a nested dict (overrides and keywords alike)."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
+            raise ConfigError(f"{subject(dotted)}: '{part}' is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -383,25 +481,29 @@ def reject_repeated_keys(overrides, where: str = "on the command line") -> None:
     for text in overrides:
         key = str(text).partition("=")[0].strip()
         if key in first:
-            raise ConfigError(f"config key '{key}' is given twice {where} ('{first[key]}' and "
+            raise ConfigError(f"{subject(key)} is given twice {where} ('{first[key]}' and "
                               f"'{text}'); keep one")
         first[key] = str(text)
 
 
-def make_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a checked, frozen :class:`Config` from a nested dict plus dotted overrides."""
+def make_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = (),
+                settings: dict[str, Any] | None = None) -> Config:
+    """Build a checked, frozen :class:`Config` from a nested dict plus dotted ``key=value``
+    overrides (text, as on the command line) and ``settings`` (dotted key -> value, as from
+    Python keywords); overrides and settings share one level of precedence."""
     from_file = _flatten(tree or {})
     from_args: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
         from_args[key] = value
+    from_args.update(settings or {})
     ablation = _ablation(from_file, from_args)
     preset = {**from_file, **ablation, **from_args}.get("stage2.preset")
     flat: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(
-                f"config key 'stage2.preset' must be one of {sorted(PRESETS)}, got {preset!r}"
+                f"{subject('stage2.preset')} must be one of {sorted(PRESETS)}, got {preset!r}"
             )
         flat.update(PRESETS[preset])
     flat.update(from_file)
@@ -409,27 +511,88 @@ def make_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...]
     flat.update(from_args)
     nested: dict = {}
     for key, value in flat.items():
-        _set_dotted(nested, key, value)
+        set_key(nested, key, value)
     cfg = _build(Config, nested)
     validate(cfg)
     return cfg
 
 
+class _DefaultInt(int):
+    """A keyword's default that the caller did not pass (shown as the plain number)."""
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+class _DefaultFloat(float):
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+class _DefaultStr(str):
+    def __repr__(self) -> str:
+        return str.__repr__(self)
+
+
+_MARKERS = {int: _DefaultInt, float: _DefaultFloat, str: _DefaultStr}
+
+
+def default(dotted: str):
+    """The config's default of ``dotted``, marked as "not passed" when used as a keyword's
+    default: a signature shows the real value, and a preset or an ablation may still set it."""
+    value = _get(Config(), dotted)
+    marker = _MARKERS.get(type(value))
+    return marker(value) if marker is not None else value
+
+
+def is_default(value) -> bool:
+    return isinstance(value, (_DefaultInt, _DefaultFloat, _DefaultStr))
+
+
+SECTIONS = tuple(key for key, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp))
+
+
+def keyword_settings(keywords: dict[str, Any], sections: tuple[str, ...] = SECTIONS,
+                     who: str = "distill()") -> dict[str, Any]:
+    """Python keywords -> dotted settings: the :data:`SHORTCUTS` (a keyword left at its default
+    marker, or None, sets nothing) and ``sections`` as dicts (``stage2={"lam": 3}``)."""
+    settings: dict[str, Any] = {}
+    for word, value in keywords.items():
+        if word in SHORTCUTS:
+            if value is None or is_default(value):
+                continue
+            for dotted in SHORTCUTS[word]:
+                settings[dotted] = list(value) if isinstance(value, tuple) else value
+        elif word in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{word}= is a section of settings: give a dict, e.g. "
+                                  f"{word}={{...}}, got {type(value).__name__}")
+            settings.update({f"{word}.{k}": v for k, v in _flatten(value).items()})
+        else:
+            close = difflib.get_close_matches(word, [*SHORTCUTS, *sections], n=1)
+            hint = f"; did you mean {close[0]}=?" if close else ""
+            raise ConfigError(f"{who} got an unknown keyword {word}={hint} (its settings: "
+                              f"{', '.join(SHORTCUTS)}, and the sections {', '.join(sections)} as "
+                              "dicts)")
+    return settings
+
+
 def _ablation(from_file: dict[str, Any], from_args: dict[str, Any]) -> dict[str, Any]:
     """The overrides of the named ablation (empty for none); refuses contradicting keys."""
-    name = {**from_file, **from_args}.get("ablation")
-    if name is None:
+    ablation = {**from_file, **from_args}.get("ablation")
+    if ablation is None:
         return {}
-    if name not in ABLATIONS:
-        raise ConfigError(f"config key 'ablation' must be one of {sorted(ABLATIONS)}, got {name!r}")
-    bundle = ABLATIONS[name]
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"{subject('ablation')} must be one of {sorted(ABLATIONS)}, got {ablation!r}")
+    bundle = ABLATIONS[ablation]
     # An ablation is a fixed bundle: a command-line value that contradicts it is refused (the
     # saved config must rebuild to the same values when the run is resumed).
     for key, value in bundle.items():
         if key in from_args and from_args[key] != value:
             raise ConfigError(
-                f"ablation '{name}' sets {key}={value}, but {key}={from_args[key]} was given; "
-                "drop the ablation and set the keys yourself, or drop the override"
+                f"ablation '{ablation}' sets {setting(key, value)}, but "
+                f"{setting(key, from_args[key])} was given; drop the ablation and set the keys "
+                "yourself, or drop that setting"
             )
     return bundle
 
@@ -442,13 +605,13 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
 
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{subject(key)} must be one of {list(choices)}, got {value!r}")
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"config key '{key}' must be {bound}, got {value}")
+        raise ConfigError(f"{subject(key)} must be {bound}, got {value}")
 
 
 def _validate_optim(prefix: str, o: OptimConfig) -> None:
@@ -462,16 +625,16 @@ def _validate_optim(prefix: str, o: OptimConfig) -> None:
     _choice(f"{prefix}.schedule", o.schedule, SCHEDULES)
     if o.m_per_class and (o.batch_size % o.m_per_class or o.batch_size // o.m_per_class < 2):
         raise ConfigError(
-            f"{prefix}.batch_size ({o.batch_size}) must be a multiple of {prefix}.m_per_class "
-            f"({o.m_per_class}) holding at least 2 classes"
+            f"{spell(prefix + '.batch_size')} ({o.batch_size}) must be a multiple of "
+            f"{spell(prefix + '.m_per_class')} ({o.m_per_class}) holding at least 2 classes"
         )
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that need no data (those that do are made when the data is loaded)."""
-    from refilled.methods import METHODS  # registered by the methods themselves
-
-    _choice("method", cfg.method, sorted(METHODS))
+    """Value checks that need no data nor registry (the method's name and the architectures are
+    checked by :func:`refilled.protocols.check_config`; what needs data, by the prepare step)."""
+    if not cfg.method:
+        raise ConfigError(f"{subject('method')} must name a method, got {cfg.method!r}")
     _choice("protocol", cfg.protocol, PROTOCOLS)
     _choice("teacher.init", cfg.teacher.init, ("trained", "random"))
     _choice("stage1.mode", cfg.stage1.mode, ("tuple", "triplet"))
@@ -479,21 +642,21 @@ def validate(cfg: Config) -> None:
     _choice("stage2.reduction", cfg.stage2.reduction, ("batch", "element"))
     _choice("stage2.handoff", cfg.stage2.handoff, ("rescale", "none"))
     if cfg.stage2.embed_norm is not None and not cfg.stage2.embed_norm > 0:
-        raise ConfigError(f"config key 'stage2.embed_norm' must be > 0 (or null: sqrt of the "
+        raise ConfigError(f"{subject('stage2.embed_norm')} must be > 0 (or null: sqrt of the "
                           f"embedding size), got {cfg.stage2.embed_norm}")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+|mps", cfg.device):
         # only the spelling: whether the device exists is checked when the run starts
-        raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) "
+        raise ConfigError(f"{subject('device')} must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) "
                           f"or mps, got {cfg.device!r}")
     _validate_ranges(cfg)
     for key in ("stage1.tau", "stage2.tau_teacher", "stage2.tau_student"):
         value = _get(cfg, key)
         if not value > 0:
-            raise ConfigError(f"config key '{key}' is a temperature and must be > 0, got {value}")
+            raise ConfigError(f"{subject(key)} is a temperature and must be > 0, got {value}")
     for key in ("stage1.margin", "stage1.scale", "stage2.lam", "stage2.lam_decay"):
         value = _get(cfg, key)
         if value < 0:
-            raise ConfigError(f"config key '{key}' is a weight and must be >= 0, got {value}")
+            raise ConfigError(f"{subject(key)} is a weight and must be >= 0, got {value}")
     _positive("eval_every", cfg.eval_every)
     _positive("data.teacher_classes", cfg.data.teacher_classes)
     _positive("data.student_offset", cfg.data.student_offset, allow_zero=True)
@@ -504,17 +667,17 @@ def validate(cfg: Config) -> None:
             _positive(key, value)
     b = cfg.baselines
     if not b.kd_temperature > 0:
-        raise ConfigError(f"config key 'baselines.kd_temperature' is a temperature and must be > 0, "
+        raise ConfigError(f"{subject('baselines.kd_temperature')} is a temperature and must be > 0, "
                           f"got {b.kd_temperature}")
     for key in ("kd_alpha", "rkd_distance_weight", "rkd_angle_weight", "fitnet_weight", "at_beta",
                 "sp_gamma", "pkt_weight", "label_smoothing"):
         value = getattr(b, key)
         if value < 0:
-            raise ConfigError(f"config key 'baselines.{key}' is a weight and must be >= 0, got {value}")
+            raise ConfigError(f"{subject('baselines.' + key)} is a weight and must be >= 0, got {value}")
     if b.kd_alpha > 1:
-        raise ConfigError(f"config key 'baselines.kd_alpha' must be in [0, 1], got {b.kd_alpha}")
+        raise ConfigError(f"{subject('baselines.kd_alpha')} must be in [0, 1], got {b.kd_alpha}")
     if b.label_smoothing >= 1:
-        raise ConfigError(f"config key 'baselines.label_smoothing' must be in [0, 1), got {b.label_smoothing}")
+        raise ConfigError(f"{subject('baselines.label_smoothing')} must be in [0, 1), got {b.label_smoothing}")
     _validate_optim("train", cfg.train)
     _validate_optim("stage1.optim", cfg.stage1.optim)
     _validate_optim("teacher.optim", cfg.teacher.optim)
@@ -544,7 +707,7 @@ def _validate_ranges(cfg: Config) -> None:
     for key in SEED_KEYS:
         value = _get(cfg, key)
         if value is not None and not 0 <= value <= MAX_SEED:
-            raise ConfigError(f"config key '{key}' is a seed and must be an integer in [0, {MAX_SEED}], "
+            raise ConfigError(f"{subject(key)} is a seed and must be an integer in [0, {MAX_SEED}], "
                               f"got {value}")
     for key in _int_keys(Config):
         if key in SEED_KEYS:
@@ -552,36 +715,31 @@ def _validate_ranges(cfg: Config) -> None:
         value = _get(cfg, key)
         for v in value if isinstance(value, tuple) else (value,):
             if v is not None and abs(v) > MAX_INT:
-                raise ConfigError(f"config key '{key}' must be at most {MAX_INT}, got {v}")
+                raise ConfigError(f"{subject(key)} must be at most {MAX_INT}, got {v}")
     size = cfg.data.image_size
     if size is not None and not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"config key 'data.image_size' is a side in pixels and must be in "
+        raise ConfigError(f"{subject('data.image_size')} is a side in pixels and must be in "
                           f"[{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size}")
     if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {cfg.data.test_fraction}")
+        raise ConfigError(f"{subject('data.test_fraction')} must be in (0, 1), got {cfg.data.test_fraction}")
 
 
 def _validate_applications(cfg: Config) -> None:
     """The ``incremental`` / ``fewshot`` sections and the methods tied to them."""
     inc, fs = cfg.incremental, cfg.fewshot
     if inc.new_classes is not None and inc.new_classes < 2:
-        raise ConfigError(f"config key 'incremental.new_classes' must be >= 2, got {inc.new_classes}")
+        raise ConfigError(f"{subject('incremental.new_classes')} must be >= 2, got {inc.new_classes}")
     if inc.old_per_class is not None:
         _positive("incremental.old_per_class", inc.old_per_class, allow_zero=True)
     if fs.novel_classes is not None and fs.novel_classes < 2:
-        raise ConfigError(f"config key 'fewshot.novel_classes' must be >= 2, got {fs.novel_classes}")
+        raise ConfigError(f"{subject('fewshot.novel_classes')} must be >= 2, got {fs.novel_classes}")
     _positive("fewshot.shots", fs.shots)
     _choice("fewshot.eval", fs.eval, ("classifier", "episodes"))
     _positive("fewshot.episodes", fs.episodes)
     _positive("fewshot.queries", fs.queries)
     if fs.ways < 2:
-        raise ConfigError(f"config key 'fewshot.ways' must be >= 2, got {fs.ways}")
-    from refilled.methods import method_spec
+        raise ConfigError(f"{subject('fewshot.ways')} must be >= 2, got {fs.ways}")
 
-    spec = method_spec(cfg.method)  # what the method declares that the config alone can refute
-    if spec.protocols and cfg.protocol not in spec.protocols:
-        raise ConfigError(f"method '{spec.name}' belongs to the {' / '.join(spec.protocols)} "
-                          f"protocol; set protocol: {spec.protocols[0]}")
 
 def _get(cfg, dotted: str):
     node = cfg

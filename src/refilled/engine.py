@@ -13,20 +13,21 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from refilled.config import OptimConfig
-from refilled.errors import UserError
-from refilled.files import atomic_torch_save, rng_state, safe_load, set_rng_state, write_csv
+from refilled.config import OptimConfig, spell, say
+from refilled.errors import TrainingDiverged, UserError
+from refilled.files import atomic_torch_save, rng_state, safe_load, set_rng_state
 from refilled.runtime import Dist
 
+if TYPE_CHECKING:  # pragma: no cover
+    from refilled.runs import RunDir
 
-class TrainingDiverged(UserError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
+__all__ = ["TrainingDiverged", "load_stage_checkpoint", "make_optimizer", "make_scheduler", "train_stage"]
 
 
 # ------------------------------------------------------------------ optimisation
@@ -76,7 +77,7 @@ def train_stage(
     method,
     loader,
     cfg: OptimConfig,
-    run_dir: Path | None,
+    run: "RunDir | None",
     *,
     seed: int,
     validate: Callable[[], dict] | None = None,
@@ -86,23 +87,26 @@ def train_stage(
     earlier_rows: list[dict] = (),
     dist: Dist = Dist(),
     amp: bool = False,
+    lr_key: str = "train.lr",
 ) -> list[dict]:
-    """Train ``method`` for ``cfg.epochs`` epochs; resume from ``run_dir/<stage>.ckpt``.
+    """Train ``method`` for ``cfg.epochs`` epochs; resume from the run directory's
+    ``<stage>.ckpt``.
 
     ``method`` provides ``step(x, y, epoch) -> dict of named scalar losses`` (summed for the
     update), ``parameters_to_train()``, ``state_dict()`` / ``load_state_dict()`` and ``train()``.
     ``validate()`` returns a dict of metrics (computed every ``eval_every`` epochs and at the
-    end). After every epoch, ``run_dir/metrics.csv`` is rewritten with ``earlier_rows`` (the
+    end). After every epoch, the run's ``metrics.csv`` is rewritten with ``earlier_rows`` (the
     finished stages' rows) followed by this stage's. Returns the per-epoch rows of this stage.
-    With ``run_dir=None`` nothing is written and nothing resumed.
+    With ``run=None`` nothing is written and nothing resumed.
 
     Under torchrun (``dist.world > 1``) the method is wrapped in DistributedDataParallel (the
     frozen teacher is not part of it), each rank trains on its share of every global batch,
     logged losses are averaged over ranks, every rank validates (on its share of the split), and
     only rank 0 writes files.
-    ``amp`` runs the step under bf16 autocast on CUDA (a no-op elsewhere).
+    ``amp`` runs the step under bf16 autocast on CUDA (a no-op elsewhere). ``lr_key`` is the
+    config key of this stage's learning rate (for the message when the loss diverges).
     """
-    ckpt_path = run_dir / f"{stage}.ckpt" if run_dir is not None else None
+    ckpt_path = run.checkpoint(stage) if run is not None else None
     optimizer = make_optimizer(method.parameters_to_train(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
     history: list[dict] = []
@@ -160,12 +164,14 @@ def train_stage(
                 value /= dist.world
         bad = int(first_bad)
         if bad >= 0:
-            kept = (f"the last good checkpoint ({ckpt_path.name}, {epoch} epochs done) is kept. "
-                    if ckpt_path is not None else "")
-            raise TrainingDiverged(
-                f"{stage}: the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; "
-                f"{kept}Lower the learning rate or the loss weights and run the command again"
-            )
+            what = (f"{stage}: the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; "
+                    f"lower the learning rate ({spell(lr_key)}) or the loss weights")
+            if ckpt_path is not None:
+                again = say("run the same command again to resume from it",
+                            "call again with the same run_dir= to resume from it")
+                what += (f"; the last good checkpoint ({ckpt_path.name}, {epoch} epochs done) is "
+                         f"kept: {again}")
+            raise TrainingDiverged(what)
         scheduler.step()
         row = {"stage": stage, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update({k.lstrip("_"): round(float(v) / max(steps, 1), 6) for k, v in sums.items()})
@@ -178,7 +184,7 @@ def train_stage(
         if evaluated:
             row.update(validate())
         history.append(row)
-        if not dist.is_main or run_dir is None:
+        if not dist.is_main or run is None:
             if progress and evaluated and dist.is_main:
                 _show(stage, epoch, cfg.epochs, row)
             continue
@@ -191,7 +197,7 @@ def train_stage(
             ckpt_path,
         )
         # the whole file, from the rows kept in the checkpoints
-        write_csv(run_dir / "metrics.csv", [*earlier_rows, *history])
+        run.write_metrics([*earlier_rows, *history])
         if progress and evaluated:
             _show(stage, epoch, cfg.epochs, row)
     return history

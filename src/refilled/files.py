@@ -215,6 +215,16 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads '1e-3' as a string; read exponent numbers as floats, as YAML 1.2 does,
+# so that a number is a number whatever the entry (file, override or Python keyword).
+_StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def parse_yaml(text: str, source: str, *, advice: str = "fix that line"):
     """YAML ``text`` (safe tags only, no duplicate keys) -> Python data.
 

@@ -1,4 +1,4 @@
-"""Loss functions: REFILLED's two stages (SPEC §2-3) and the baselines' losses, in one place.
+"""Loss functions: REFILLED's two stages  and the baselines' losses, in one place.
 
 All are plain tensor-in, tensor-out functions: device and dtype follow the inputs, the teacher's
 tensors are treated as constants (no gradient flows into them), and an empty case (no tuple
@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from refilled import checks
 from refilled.mining import candidate_tuples, normalized_distances
 
 RELATION_MODES = ("tuple", "triplet")
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+def _check_positive(name: str, value: float, fn: str = "refilled") -> None:
+    checks.number(fn, name, value, positive=True)
 
 
 def _masked_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: torch.Tensor):
@@ -35,7 +35,7 @@ def _masked_kl(target_logits: torch.Tensor, input_logits: torch.Tensor, mask: to
     return torch.where(mask, terms, torch.zeros_like(terms)).sum(dim=1)
 
 
-# ---------------------------------------------------------------- stage 1 (SPEC §2)
+# ---------------------------------------------------------------- stage 1 
 #
 # Training path (relation_matching_terms): no tuple is ever listed. Each anchor's row of student
 # distances is sorted once (refilled.mining.sorted_semihard_ranges); in that order the semi-hard
@@ -365,15 +365,19 @@ def _few_tuples(d_s, labels):
     return int((sizes * (sizes - 1)).sum()) <= _DENSE_TUPLES_PER_ANCHOR * labels.numel()
 
 
-def _check_relation_args(student_emb, teacher_emb, labels, tau, mode):
+def _check_relation_args(student_emb, teacher_emb, labels, tau, mode, margin=0.0, scale=1.0,
+                         fn="relation_matching_terms"):
+    """The stage-1 loss's inputs: (B, D) and (B, D_T) float embeddings, B integer labels on one
+    device, a known mode, tau > 0, margin and scale >= 0."""
     if mode not in RELATION_MODES:
-        raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
-    _check_positive("tau", tau)
-    if student_emb.shape[0] != teacher_emb.shape[0] or student_emb.shape[0] != labels.numel():
-        raise ValueError(
-            f"batch sizes differ: student {student_emb.shape[0]}, teacher {teacher_emb.shape[0]}, "
-            f"labels {labels.numel()}"
-        )
+        checks.fail(fn, f"mode must be one of {RELATION_MODES}, got {mode!r}")
+    checks.number(fn, "tau", tau, positive=True)
+    checks.number(fn, "margin", margin)
+    checks.number(fn, "scale", scale)
+    checks.features(fn, "student_emb", student_emb)
+    checks.features(fn, "teacher_emb", teacher_emb, rows=student_emb.shape[0])
+    checks.labels(fn, labels, student_emb.shape[0])
+    checks.same_device(fn, student_emb=student_emb, teacher_emb=teacher_emb, labels=labels)
 
 
 def _stage1_distances(student_emb, teacher_emb, fast=False):
@@ -422,7 +426,14 @@ def relation_matching_terms(
         one semi-hard negative) or triplets (``"triplet"``) as a 0-d int64 tensor on the
         input's device. With no tuple the loss is an exact zero that keeps the graph.
     """
-    _check_relation_args(student_emb, teacher_emb, labels, tau, mode)
+    _check_relation_args(student_emb, teacher_emb, labels, tau, mode, margin, scale)
+    return _relation_matching_terms(student_emb, teacher_emb, labels, tau=tau, margin=margin,
+                                    mode=mode, scale=scale)
+
+
+def _relation_matching_terms(student_emb, teacher_emb, labels, *, tau=4.0, margin=0.2, mode="tuple",
+                             scale=1000.0):
+    """:func:`relation_matching_terms` without the argument checks (the training loop's form)."""
     d_s, d_t = _stage1_distances(student_emb, teacher_emb, fast=True)
     labels = labels.reshape(-1)
     if mode == "tuple" and _few_tuples(d_s, labels):
@@ -447,8 +458,10 @@ def relation_matching_loss(
     mode: str = "tuple",
     scale: float = 1000.0,
 ) -> torch.Tensor:
-    """Stage 1 of REFILLED (SPEC §2); the loss of :func:`relation_matching_terms`."""
-    return relation_matching_terms(
+    """Stage 1 of REFILLED; the loss of :func:`relation_matching_terms`."""
+    _check_relation_args(student_emb, teacher_emb, labels, tau, mode, margin, scale,
+                         fn="relation_matching_loss")
+    return _relation_matching_terms(
         student_emb, teacher_emb, labels, tau=tau, margin=margin, mode=mode, scale=scale
     )[0]
 
@@ -472,15 +485,27 @@ def relation_matching_from_tuples(
     for the training path use :func:`relation_matching_terms`. Rows without a negative count
     for nothing. Returns ``(loss, num_tuples)`` as :func:`relation_matching_terms` does.
     """
+    fn = "relation_matching_from_tuples"
     if mode not in RELATION_MODES:
-        raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
-    _check_positive("tau", tau)
+        checks.fail(fn, f"mode must be one of {RELATION_MODES}, got {mode!r}")
+    checks.number(fn, "tau", tau, positive=True)
+    checks.number(fn, "scale", scale)
+    checks.features(fn, "student_emb", student_emb)
+    checks.features(fn, "teacher_emb", teacher_emb)
+    for arg, t in (("anchor", anchor), ("positive", positive)):
+        checks.is_tensor(fn, arg, t)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            checks.fail(fn, f"{arg} must be integer indices, got {t.dtype}")
+    checks.is_tensor(fn, "negative_mask", negative_mask)
     batch = student_emb.shape[0]
     anchor, positive = anchor.reshape(-1), positive.reshape(-1)
+    if checks.values_checked() and anchor.numel() and (
+            int(torch.cat([anchor, positive]).min()) < 0 or int(torch.cat([anchor, positive]).max()) >= batch):
+        checks.fail(fn, f"anchor and positive must be indices into the batch of {batch}")
     if teacher_emb.shape[0] != batch or negative_mask.shape != (anchor.numel(), batch) or (
         positive.numel() != anchor.numel()
     ):
-        raise ValueError(
+        checks.fail(fn,
             f"tuples do not fit a batch of {batch}: anchor {tuple(anchor.shape)}, positive "
             f"{tuple(positive.shape)}, negative_mask {tuple(negative_mask.shape)}, teacher "
             f"{teacher_emb.shape[0]} rows"
@@ -517,7 +542,7 @@ def _relation_terms_dense(student_emb, teacher_emb, labels, *, tau=4.0, margin=0
     """The dense stage-1 implementation that :func:`relation_matching_terms` replaced: every
     ordered positive pair listed with ``nonzero`` and a (T x B) negative mask. The reference
     the fast path is tested against (memory O(B^3 / C))."""
-    _check_relation_args(student_emb, teacher_emb, labels, tau, mode)
+    _check_relation_args(student_emb, teacher_emb, labels, tau, mode, margin, scale)
     d_s, d_t = _stage1_distances(student_emb, teacher_emb)
     anchor, positive, neg_mask = candidate_tuples(d_s, labels, margin)
     return _relation_from_tuples(d_s, d_t, anchor, positive, neg_mask, tau, mode, scale)
@@ -534,18 +559,28 @@ def local_centers(teacher_emb: torch.Tensor, labels: torch.Tensor, num_classes: 
 
     Rows of classes absent from the batch are zero (the local classifier masks them anyway).
     """
+    fn = "local_centers"
+    checks.count(fn, "num_classes", num_classes)
+    checks.features(fn, "teacher_emb", teacher_emb)
+    checks.labels(fn, labels, teacher_emb.shape[0], num_classes)
+    checks.same_device(fn, teacher_emb=teacher_emb, labels=labels)
+    return _local_centers(teacher_emb, labels, num_classes)
+
+
+def _local_centers(teacher_emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     emb = teacher_emb.detach()
     sums = emb.new_zeros(num_classes, emb.shape[1]).index_add_(0, labels.reshape(-1), emb)
     return F.normalize(sums, dim=1)
 
 
 def teacher_instance_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """TPAMI's adaptive emphasis from the teacher's own classifier (SPEC §3).
+    """TPAMI's adaptive emphasis from the teacher's own classifier.
 
     u_i = -log max_k softmax(g(x_i))_k; u^ = min-max normalised u over the batch;
     w_i = 2 * sigmoid(-u^_i), in [0.54, 1]. A batch whose uncertainties are all equal gets
     w = 1 everywhere (no division by zero).
     """
+    checks.features("teacher_instance_weights", "teacher_logits", teacher_logits, what="(batch, classes)")
     logits = teacher_logits.detach().float()
     u = -torch.log_softmax(logits, dim=1).amax(dim=1)
     lo, hi = u.min(), u.max()
@@ -566,7 +601,7 @@ def local_classifier_loss(
     normalize_teacher: bool = False,
     reduction: str = "batch",
 ) -> torch.Tensor:
-    """Stage 2's distillation term: the embedding-induced local classifier (SPEC §3).
+    """Stage 2's distillation term: the embedding-induced local classifier.
 
     Teacher logits t_ik = phi_T(x_i) . c_k over the classes present in the batch (C_B), with
     ``centers`` (C, D_T) the normalised teacher class centres of the student's classes; the
@@ -576,15 +611,32 @@ def local_classifier_loss(
     B x |C_B| instead of B: the element mean of ``nn.KLDivLoss()`` that the CVPR code uses, so
     that its lambda acts per class in the batch.
     """
+    fn = "local_classifier_loss"
     if reduction not in ("batch", "element"):
-        raise ValueError(f"reduction must be 'batch' or 'element', got {reduction!r}")
-    _check_positive("tau_teacher", tau_teacher)
-    _check_positive("tau_student", tau_student)
+        checks.fail(fn, f"reduction must be 'batch' or 'element', got {reduction!r}")
+    checks.number(fn, "tau_teacher", tau_teacher, positive=True)
+    checks.number(fn, "tau_student", tau_student, positive=True)
+    checks.features(fn, "student_logits", student_logits, what="(batch, classes)")
+    batch, num_classes = student_logits.shape
+    checks.features(fn, "teacher_emb", teacher_emb, rows=batch)
+    checks.features(fn, "centers", centers, what="(classes, teacher features)")
+    if centers.shape != (num_classes, teacher_emb.shape[1]):
+        checks.fail(fn, f"centers must be (classes, teacher features) = ({num_classes}, "
+                        f"{teacher_emb.shape[1]}), got {tuple(centers.shape)}: one teacher centre "
+                        "per student class (refilled.class_centers of the teacher's embeddings)")
+    checks.labels(fn, labels, batch, num_classes)
+    checks.weights(fn, weights, batch)
+    checks.same_device(fn, student_logits=student_logits, teacher_emb=teacher_emb, labels=labels,
+                       centers=centers, weights=weights)
+    return _local_classifier_loss(student_logits, teacher_emb, labels, centers, tau_teacher=tau_teacher,
+                                  tau_student=tau_student, weights=weights,
+                                  normalize_teacher=normalize_teacher, reduction=reduction)
+
+
+def _local_classifier_loss(student_logits, teacher_emb, labels, centers, *, tau_teacher=1.0,
+                           tau_student=1.0, weights=None, normalize_teacher=False, reduction="batch"):
+    """:func:`local_classifier_loss` without the argument checks (the training loop's form)."""
     num_classes = student_logits.shape[1]
-    if centers.shape[0] != num_classes:
-        raise ValueError(
-            f"{centers.shape[0]} teacher centres for a student with {num_classes} classes"
-        )
     emb = teacher_emb.detach()
     if normalize_teacher:
         emb = F.normalize(emb, dim=1)
@@ -611,18 +663,24 @@ def local_classifier_loss(
 
 
 def _same_shape(name: str, a: Tensor, b: Tensor) -> None:
+    checks.is_tensor(name, "student input", a)
+    checks.is_tensor(name, "teacher input", b)
     if a.shape != b.shape:
-        raise ValueError(
-            f"{name}: student and teacher shapes must match, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+        checks.fail(name, f"student and teacher shapes must match, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        checks.fail(name, f"the inputs must be floating point, got {a.dtype} and {b.dtype}")
+    checks.same_device(name, student=a, teacher=b)
 
 
 def _same_batch(name: str, a: Tensor, b: Tensor) -> None:
-    if a.dim() < 1 or b.dim() < 1 or a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"{name}: student and teacher need the same batch size (dim 0), "
-            f"got shapes {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+    checks.is_tensor(name, "student input", a)
+    checks.is_tensor(name, "teacher input", b)
+    if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[0]:
+        checks.fail(name, f"student and teacher need (batch, ...) inputs of the same batch size, "
+                          f"got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        checks.fail(name, f"the inputs must be floating point, got {a.dtype} and {b.dtype}")
+    checks.same_device(name, student=a, teacher=b)
 
 
 def _tiny(x: Tensor) -> float:
@@ -641,7 +699,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     """
     _same_shape("kd_loss", student_logits, teacher_logits)
     if student_logits.dim() != 2:
-        raise ValueError(f"kd_loss: logits must be (B, C), got shape {tuple(student_logits.shape)}")
+        checks.fail("kd_loss", f"logits must be (B, C), got shape {tuple(student_logits.shape)}")
+    checks.number("kd_loss", "temperature", temperature, positive=True)
     log_s = F.log_softmax(student_logits / temperature, dim=1)
     log_t = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
@@ -718,6 +777,8 @@ def rkd_loss(
 ) -> Tensor:
     """Park et al. 2019, RKD-DA: ``distance_weight * L_dist + angle_weight * L_angle``
     (paper defaults 25 and 50)."""
+    checks.number("rkd_loss", "distance_weight", distance_weight)
+    checks.number("rkd_loss", "angle_weight", angle_weight)
     return distance_weight * rkd_distance_loss(student_emb, teacher_emb) + angle_weight * rkd_angle_loss(
         student_emb, teacher_emb
     )
@@ -762,21 +823,22 @@ def at_loss(
     if isinstance(teacher_feats, Tensor):
         teacher_feats = [teacher_feats]
     if len(student_feats) != len(teacher_feats) or len(student_feats) == 0:
-        raise ValueError(
-            f"at_loss: need the same non-zero number of student and teacher maps, "
-            f"got {len(student_feats)} and {len(teacher_feats)}"
-        )
+        checks.fail("at_loss", f"need the same non-zero number of student and teacher maps, "
+                               f"got {len(student_feats)} and {len(teacher_feats)}")
+    checks.number("at_loss", "p", p, positive=True)
     total = None
     for idx, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
+        checks.is_tensor("at_loss", f"student map {idx}", fs)
+        checks.is_tensor("at_loss", f"teacher map {idx}", ft)
         if fs.dim() != 4 or ft.dim() != 4:
-            raise ValueError(
-                f"at_loss: pair {idx} must be (B, C, H, W) maps, got {tuple(fs.shape)} and {tuple(ft.shape)}"
-            )
+            checks.fail("at_loss", f"pair {idx} must be (B, C, H, W) maps, got {tuple(fs.shape)} and "
+                                   f"{tuple(ft.shape)}")
         if fs.shape[0] != ft.shape[0] or fs.shape[2:] != ft.shape[2:]:
-            raise ValueError(
-                f"at_loss: pair {idx} needs equal batch and spatial sizes, "
-                f"got {tuple(fs.shape)} and {tuple(ft.shape)}"
-            )
+            checks.fail("at_loss", f"pair {idx} needs equal batch and spatial sizes, got "
+                                   f"{tuple(fs.shape)} and {tuple(ft.shape)}")
+        if not (fs.is_floating_point() and ft.is_floating_point()):
+            checks.fail("at_loss", f"pair {idx} must be floating point, got {fs.dtype} and {ft.dtype}")
+        checks.same_device("at_loss", student=fs, teacher=ft)
         term = (_attention(fs, p) - _attention(ft, p)).pow(2).mean()
         total = term if total is None else total + term
     return total
@@ -814,6 +876,7 @@ def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Ten
     batch mean of the per-row KL divergences. Embedding widths may differ.
     """
     _same_batch("pkt_loss", student_emb, teacher_emb)
+    checks.number("pkt_loss", "eps", eps, positive=True)
 
     def conditional(x: Tensor) -> Tensor:
         x = F.normalize(x.flatten(1), dim=1)
@@ -830,6 +893,11 @@ def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Ten
 def label_smoothing_ce(logits: Tensor, labels: Tensor, smoothing: float = 0.1) -> Tensor:
     """Cross-entropy with label smoothing (Szegedy et al. 2016): targets
     ``(1 - smoothing) * onehot + smoothing / C``; mean over the batch."""
+    fn = "label_smoothing_ce"
+    checks.features(fn, "logits", logits, what="(batch, classes)")
+    checks.labels(fn, labels, logits.shape[0], logits.shape[1])
+    checks.number(fn, "smoothing", smoothing, below=1.0)
+    checks.same_device(fn, logits=logits, labels=labels)
     return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
@@ -842,17 +910,18 @@ def label_smoothing_ce(logits: Tensor, labels: Tensor, smoothing: float = 0.1) -
 def _tuples_from(indices_tuple, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(anchor, positive, negative mask) from our tuple form or from pytorch-metric-learning's
     triplet form ``(anchors, positives, negatives)`` (one index per triplet)."""
-    if len(indices_tuple) != 3:
-        raise ValueError("indices_tuple must be (anchor, positive, negative_mask) or "
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 3:
+        raise checks.RefilledError("indices_tuple must be (anchor, positive, negative_mask) or "
                          "(anchors, positives, negatives) triplet indices")
     a, p, third = (torch.as_tensor(t, device=device) for t in indices_tuple)
     if third.dtype == torch.bool:
         if third.shape != (a.numel(), batch):
-            raise ValueError(f"negative_mask must be (tuples, batch) = ({a.numel()}, {batch}), "
+            raise checks.RefilledError(f"negative_mask must be (tuples, batch) = ({a.numel()}, {batch}), "
                              f"got {tuple(third.shape)}")
         return a.long(), p.long(), third
     if not (a.shape == p.shape == third.shape) or a.dim() != 1:
-        raise ValueError("triplet indices (anchors, positives, negatives) must be 1-D and of one length")
+        raise checks.RefilledError("triplet indices (anchors, positives, negatives) must be 1-D and of "
+                                   "one length")
     pairs, inverse = torch.unique(torch.stack([a, p]).long(), dim=1, return_inverse=True)
     mask = torch.zeros(pairs.shape[1], batch, dtype=torch.bool, device=device)
     mask[inverse, third.long()] = True
@@ -860,7 +929,7 @@ def _tuples_from(indices_tuple, batch: int, device) -> tuple[Tensor, Tensor, Ten
 
 
 class RelationMatchingLoss(torch.nn.Module):
-    """Stage 1 of REFILLED as a module (SPEC §2).
+    """Stage 1 of REFILLED as a module .
 
     ``forward(student_emb, teacher_emb, labels, indices_tuple=None)`` returns the scalar
     ``scale * mean KL(P_T || P_S)`` over the semi-hard tuples mined on the student's normalised
@@ -873,16 +942,22 @@ class RelationMatchingLoss(torch.nn.Module):
 
     def __init__(self, tau: float = 4.0, margin: float = 0.2, mode: str = "tuple", scale: float = 1000.0):
         super().__init__()
+        fn = "RelationMatchingLoss"
         if mode not in RELATION_MODES:
-            raise ValueError(f"mode must be one of {RELATION_MODES}, got {mode!r}")
-        _check_positive("tau", tau)
+            checks.fail(fn, f"mode must be one of {RELATION_MODES}, got {mode!r}")
+        checks.number(fn, "tau", tau, positive=True)
+        checks.number(fn, "margin", margin)
+        checks.number(fn, "scale", scale)
         self.tau, self.margin, self.mode, self.scale = float(tau), float(margin), mode, float(scale)
 
     def forward(self, student_emb: Tensor, teacher_emb: Tensor, labels: Tensor,
                 indices_tuple=None) -> Tensor:
         if indices_tuple is None:
-            return relation_matching_terms(student_emb, teacher_emb, labels, tau=self.tau,
-                                           margin=self.margin, mode=self.mode, scale=self.scale)[0]
+            _check_relation_args(student_emb, teacher_emb, labels, self.tau, self.mode, self.margin,
+                                 self.scale, fn="RelationMatchingLoss")
+            return _relation_matching_terms(student_emb, teacher_emb, labels, tau=self.tau,
+                                            margin=self.margin, mode=self.mode, scale=self.scale)[0]
+        checks.features("RelationMatchingLoss", "student_emb", student_emb)
         anchor, positive, mask = _tuples_from(indices_tuple, student_emb.shape[0], student_emb.device)
         return relation_matching_from_tuples(student_emb, teacher_emb, anchor, positive, mask,
                                              tau=self.tau, mode=self.mode, scale=self.scale)[0]
@@ -892,7 +967,7 @@ class RelationMatchingLoss(torch.nn.Module):
 
 
 class LocalClassifierLoss(torch.nn.Module):
-    """Stage 2's distillation term as a module (SPEC §3): no cross-entropy, no lambda.
+    """Stage 2's distillation term as a module : no cross-entropy, no lambda.
 
     ``forward(student_logits, teacher_emb, labels, centers, weights=None)`` returns
     ``(1/B) sum_i w_i KL(softmax(t_i / tau_teacher) || softmax(f(x_i)[C_B] / tau_student))`` with
@@ -905,10 +980,11 @@ class LocalClassifierLoss(torch.nn.Module):
     def __init__(self, tau_teacher: float = 1.0, tau_student: float = 1.0, normalize_teacher: bool = False,
                  reduction: str = "batch"):
         super().__init__()
-        _check_positive("tau_teacher", tau_teacher)
-        _check_positive("tau_student", tau_student)
+        fn = "LocalClassifierLoss"
+        checks.number(fn, "tau_teacher", tau_teacher, positive=True)
+        checks.number(fn, "tau_student", tau_student, positive=True)
         if reduction not in ("batch", "element"):
-            raise ValueError(f"reduction must be 'batch' or 'element', got {reduction!r}")
+            checks.fail(fn, f"reduction must be 'batch' or 'element', got {reduction!r}")
         self.tau_teacher, self.tau_student = float(tau_teacher), float(tau_student)
         self.normalize_teacher, self.reduction = bool(normalize_teacher), reduction
 

@@ -1,4 +1,4 @@
-"""Semi-hard tuple mining on the student's normalised embedding (SPEC §2).
+"""Semi-hard tuple mining on the student's normalised embedding.
 
 A tuple is one positive pair (a, p) with y_a = y_p, a != p, together with *all* its semi-hard
 negatives N(a, p) = {n : y_n != y_a and 0 < d(a, n) - d(a, p) <= margin}, where d is the plain
@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from refilled import checks
 
 
 def pairwise_distances(embeddings: torch.Tensor, exact: bool = True) -> torch.Tensor:
@@ -98,7 +100,7 @@ def candidate_tuples(
     dist = dist.detach()
     labels = labels.reshape(-1)
     if dist.shape != (labels.numel(), labels.numel()):
-        raise ValueError(
+        raise checks.RefilledError(
             f"distance matrix of shape {tuple(dist.shape)} does not match {labels.numel()} labels"
         )
     same = labels[:, None] == labels[None, :]
@@ -137,6 +139,11 @@ def semihard_tuples(
         shape (T, B) whose row t marks the semi-hard negatives of pair (anchor[t], positive[t]).
         Every returned row has at least one negative; T may be 0.
     """
+    fn = "semihard_tuples"
+    checks.features(fn, "embeddings", embeddings)
+    checks.labels(fn, labels, embeddings.shape[0])
+    checks.number(fn, "margin", margin)
+    checks.same_device(fn, embeddings=embeddings, labels=labels)
     return semihard_from_distances(normalized_distances(embeddings), labels, margin)
 
 
@@ -230,7 +237,7 @@ def sorted_rows(
     their rows (R, B) of the distance matrix; every field is (R, B)."""
     rows, batch = dist_rows.shape
     if labels.numel() != batch or first + rows > batch:
-        raise ValueError(
+        raise checks.RefilledError(
             f"rows {first}..{first + rows - 1} of a {batch}-column distance matrix do not fit "
             f"{labels.numel()} labels"
         )
@@ -271,7 +278,7 @@ def sorted_semihard_ranges(
     """
     labels = labels.reshape(-1)
     if dist.shape != (labels.numel(), labels.numel()):
-        raise ValueError(
+        raise checks.RefilledError(
             f"distance matrix of shape {tuple(dist.shape)} does not match {labels.numel()} labels"
         )
     return sorted_rows(dist.detach(), labels, 0, margin)

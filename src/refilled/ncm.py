@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from refilled import checks
+
 
 def class_centers(
     embeddings: torch.Tensor,
@@ -30,25 +32,25 @@ def class_centers(
         ValueError: naming every class in ``range(num_classes)`` that has no instance
             (unless ``allow_missing``).
     """
-    labels = labels.reshape(-1)
-    if embeddings.shape[0] != labels.numel():
-        raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.numel()} labels")
+    fn = "class_centers"
+    checks.count(fn, "num_classes", num_classes)
+    checks.features(fn, "embeddings", embeddings)
+    checks.labels(fn, labels, embeddings.shape[0], num_classes)
+    checks.same_device(fn, embeddings=embeddings, labels=labels)
     emb = F.normalize(embeddings, dim=1) if normalize_inputs else embeddings
     counts = torch.bincount(labels, minlength=num_classes)
-    if counts.numel() > num_classes:
-        raise ValueError(f"labels go up to {int(labels.max())} but num_classes is {num_classes}")
     missing = [] if allow_missing else (counts == 0).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(
-            f"class(es) {missing} have no instance, so they have no class centre; "
-            "give every class at least one example"
-        )
+        checks.fail(fn, f"class(es) {missing} have no instance, so they have no class centre; give "
+                        "every class at least one example (or allow_missing=True)")
     sums = emb.new_zeros(num_classes, emb.shape[1]).index_add_(0, labels, emb)
     return F.normalize(sums, dim=1)
 
 
 def ncm_logits(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of each normalised embedding to each normalised centre: (N, C)."""
+    checks.features("ncm_logits", "embeddings", embeddings)
+    checks.features("ncm_logits", "centers", centers, width=embeddings.shape[1], what="(classes, features)")
     return F.normalize(embeddings, dim=1) @ F.normalize(centers, dim=1).T
 
 
@@ -59,7 +61,13 @@ def ncm_accuracy(
     eval_labels: torch.Tensor,
     num_classes: int,
 ) -> float:
-    """NCM accuracy in [0, 1]: centres from the training split, predictions on another split."""
-    centers = class_centers(train_emb, train_labels, num_classes, normalize_inputs=True)
-    pred = ncm_logits(eval_emb, centers).argmax(dim=1)
+    """NCM accuracy in [0, 1]: centres from the training split, predictions on another split.
+    A class without training instances has no centre and is never predicted."""
+    checks.features("ncm_accuracy", "eval_emb", eval_emb)
+    checks.labels("ncm_accuracy", eval_labels, eval_emb.shape[0], num_classes, name="eval_labels")
+    centers = class_centers(train_emb, train_labels, num_classes, normalize_inputs=True,
+                            allow_missing=True)
+    logits = ncm_logits(eval_emb, centers)
+    absent = torch.bincount(train_labels.reshape(-1), minlength=num_classes) == 0
+    pred = logits.masked_fill(absent.to(logits.device), float("-inf")).argmax(dim=1)
     return (pred == eval_labels.reshape(-1)).double().mean().item()

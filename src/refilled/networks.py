@@ -28,11 +28,13 @@ A zoo model goes through exactly the same operations as before it was wrapped (i
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from refilled.config import spell
 from refilled.errors import ConfigError
 
 ZOO_CONTRACT = ("forward_features", "forward_head", "num_features", "reset_classifier")
@@ -74,13 +76,18 @@ def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     return found
 
 
-def _submodule(module: nn.Module, name: str, role: str, what: str) -> nn.Module:
+def _key(role: str, what: str) -> str:
+    """A network's setting as the caller spells it (``student.head`` / ``head=``)."""
+    return spell(f"{role}.{what}") if role in ("student", "teacher") else what
+
+
+def _submodule(module: nn.Module, path: str, role: str, what: str) -> nn.Module:
     try:
-        return module.get_submodule(name)
+        return module.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in module.named_children()]
         raise ConfigError(
-            f"{role}.{what}: the {role} has no submodule '{name}' (its top-level submodules: "
+            f"{_key(role, what)}: the {role} has no submodule '{path}' (its top-level submodules: "
             f"{', '.join(names) or 'none'}); name one of them, or a dotted path inside one"
         ) from None
 
@@ -116,11 +123,15 @@ class Network(nn.Module):
         self.fixed_batch = False
         self._compiled = None  # torch.compile of _pass (compile_passes); never copied
         self.head_name = None
+        self.head_given = False  # True: named by the user (head=); False: guessed
+        self._head_in: int | None = None  # the width of the classifier's input (probed)
+        self._probed: tuple | None = None  # the input shape of the last probe
         if self.zoo:
             self.head_name = "head" if isinstance(getattr(module, "head", None), nn.Module) else None
         elif head is not None:
             _submodule(module, head, role, "head")
             self.head_name = head
+            self.head_given = True
         else:
             found = last_linear(module)
             self.head_name = found[0] if found is not None else None
@@ -136,14 +147,14 @@ class Network(nn.Module):
             if self.head_name is None:
                 raise ConfigError(
                     f"cannot find the {role}'s embedding: it has no nn.Linear classifier whose "
-                    f"input would be the embedding; set {role}.embedding to the name of the "
+                    f"input would be the embedding; set {_key(role, 'embedding')} to the name of the "
                     "submodule whose output is the embedding (or 'output' for a feature extractor)"
                 )
             self._pre_hook(self.module.get_submodule(self.head_name), "embedding")
         elif embedding not in ("forward_features", "output"):
             self._post_hook(_submodule(self.module, embedding, role, "embedding"), "embedding")
         elif embedding == "forward_features" and not callable(getattr(self.module, "forward_features", None)):
-            raise ConfigError(f"{role}.embedding is 'forward_features' but the {role} has no "
+            raise ConfigError(f"{_key(role, 'embedding')} is 'forward_features' but the {role} has no "
                               "forward_features method; name a submodule instead")
         for i, name in enumerate(maps or ()):
             self._post_hook(_submodule(self.module, name, role, "maps"), f"map{i}")
@@ -186,8 +197,15 @@ class Network(nn.Module):
         if spec == "output":
             return pool(out), None, captured
         if "embedding" not in captured:
+            if spec is None:  # the embedding is the classifier's input: the classifier did not run
+                raise ConfigError(
+                    f"the {self.role}'s classifier was taken to be '{self.head_name}' "
+                    f"({'given as ' + _key(self.role, 'head') if self.head_given else 'the last nn.Linear it registers'}), "
+                    f"but it does not run in the {self.role}'s forward pass, so its input (the "
+                    f"embedding) is never seen; name the classifier with {_key(self.role, 'head')} "
+                    f"(and the embedding with {_key(self.role, 'embedding')})")
             raise ConfigError(f"the {self.role}'s embedding layer did not run in its forward pass; "
-                              f"set {self.role}.embedding to a submodule that does")
+                              f"set {_key(self.role, 'embedding')} to a submodule that does")
         return pool(captured["embedding"]), out, captured
 
     def _pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,7 +235,7 @@ class Network(nn.Module):
         if self.zoo:
             return self.module.forward_head(z)
         if self.head_name is None:
-            raise ConfigError(f"the {self.role} has no classifier; set {self.role}.head")
+            raise ConfigError(f"the {self.role} has no classifier; set {_key(self.role, 'head')}")
         return self.classifier(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +259,9 @@ class Network(nn.Module):
             maps = self.module.forward_maps(x)
             return maps, self.module.forward_head(maps[-1].mean(dim=(2, 3)))
         if not self.map_names:
-            raise ConfigError(f"this method needs the {self.role}'s feature maps: set {self.role}.maps "
-                              "to the names of the submodules whose outputs are the maps, in order")
+            raise ConfigError(f"this method needs the {self.role}'s feature maps: set "
+                              f"{_key(self.role, 'maps')} to the names of the submodules whose outputs "
+                              "are the maps, in order")
         out, captured = self._run(x)
         return [captured[f"map{i}"] for i in range(len(self.map_names))], _first_tensor(out)
 
@@ -253,15 +272,60 @@ class Network(nn.Module):
 
     @torch.no_grad()
     def probe(self, example: torch.Tensor) -> None:
-        """Learn the embedding and logit sizes from a forward pass on ``example`` (eval mode)."""
+        """Learn the embedding and logit sizes from a forward pass on ``example`` (eval mode;
+        once per input shape), and check that the module taken as the classifier is the one that
+        makes the logits: one line naming it, and ``head=`` / ``embedding=``, when it is not."""
+        shape = tuple(example.shape[1:])
+        if self._probed == shape:
+            return
+        head = None if self.zoo else self.classifier
+        seen: dict = {}
+        handles = []
+        if head is not None:
+            handles.append(head.register_forward_hook(
+                lambda _m, args, out: seen.update(inp=args[0] if args else None, out=out)))
         was = self.training
         self.eval()
         try:
             z, logits = self.features_and_logits(example)
         finally:
+            for h in handles:
+                h.remove()
             self.train(was)
+        if z.dim() != 2:
+            raise ConfigError(f"the {self.role}'s embedding has shape {tuple(z.shape)}; it must be "
+                              f"(batch, features): set {_key(self.role, 'embedding')} to a submodule "
+                              "whose output is a feature vector or map")
         self._num_features = int(z.shape[1])
         self._num_classes = None if logits is None else int(logits.shape[1])
+        if head is not None and self.has_logits:
+            self._check_head(seen, logits)
+        self._probed = shape
+
+    def _check_head(self, seen: dict, logits: torch.Tensor) -> None:
+        """The classifier ran, takes (B, D) features and gives the logits the model returns."""
+        taken = (f"the module '{self.head_name}' given as {_key(self.role, 'head')}" if self.head_given
+                 else f"'{self.head_name}' (the last nn.Linear it registers)")
+        fix = (f"name the classifier with {_key(self.role, 'head')} (and the embedding with "
+               f"{_key(self.role, 'embedding')})")
+        if "out" not in seen:
+            raise ConfigError(f"the {self.role}'s classifier was taken to be {taken}, but it does not "
+                              f"run in the {self.role}'s forward pass; {fix}")
+        inp, out = seen["inp"], seen["out"]
+        if not isinstance(inp, torch.Tensor) or inp.dim() != 2:
+            got = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__
+            raise ConfigError(f"the {self.role}'s classifier was taken to be {taken}, but its input "
+                              f"is {got}, not (batch, features): refilled replaces the classifier "
+                              f"with an nn.Linear on a feature vector; {fix}")
+        out = out if isinstance(out, torch.Tensor) else None
+        same_shape = out is not None and out.shape == logits.shape
+        if not same_shape or (not self.head_given and not (
+                out is logits or torch.allclose(out.float(), logits.float(), rtol=1e-4, atol=1e-5))):
+            got = "a non-tensor" if out is None else "x".join(map(str, out.shape))
+            raise ConfigError(f"the {self.role}'s classifier was taken to be {taken}, but its output "
+                              f"({got}) is not the logits the {self.role} returns "
+                              f"({'x'.join(map(str, logits.shape))}); {fix}")
+        self._head_in = int(inp.shape[1])
 
     @property
     def num_features(self) -> int:
@@ -314,12 +378,13 @@ class Network(nn.Module):
             self.module.reset_classifier(num_classes)
             return
         if self.head_name is None:
-            raise ConfigError(f"the {self.role} has no classifier to replace; set {self.role}.head")
+            raise ConfigError(f"the {self.role} has no classifier to replace; set {_key(self.role, 'head')}")
         old = self.classifier
         ref = next(iter(old.parameters()), None) if old is not None else None
         if ref is None:
             ref = next(self.module.parameters())
-        new = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        width = self._head_in if self._head_in is not None else self.num_features
+        new = nn.Linear(width, num_classes, device=ref.device, dtype=ref.dtype)
         parent_name, _, leaf = self.head_name.rpartition(".")
         parent = self.module.get_submodule(parent_name) if parent_name else self.module
         was_hooked = self.embedding_spec is None
@@ -363,6 +428,7 @@ class Network(nn.Module):
                       head=None if self.zoo else self.head_name, mean=mean, std=std,
                       maps=self.map_names or None, role=self.role)
         new._num_features, new._num_classes = self._num_features, self._num_classes
+        new._head_in, new._probed, new.head_given = self._head_in, self._probed, self.head_given
         new.channels_last = self.channels_last
         if self.mean is not None:
             new.to(self.mean.device)
@@ -373,14 +439,20 @@ def _stats(mean, std, role: str):
     if mean is None and std is None:
         return None, None
     if mean is None or std is None:
-        raise ConfigError(f"{role}.mean and {role}.std go together: give both or neither")
-    m = torch.as_tensor(list(mean), dtype=torch.float32)
-    s = torch.as_tensor(list(std), dtype=torch.float32)
+        raise ConfigError(f"{_key(role, 'mean')} and {_key(role, 'std')} go together: give both or neither")
+    try:
+        mean = [float(mean)] if isinstance(mean, numbers.Real) else [float(v) for v in mean]
+        std = [float(std)] if isinstance(std, numbers.Real) else [float(v) for v in std]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_key(role, 'mean')} and {_key(role, 'std')} must be numbers, one per input "
+                          f"channel (or one for all), got {mean!r} and {std!r}") from None
+    m = torch.as_tensor(mean, dtype=torch.float32)
+    s = torch.as_tensor(std, dtype=torch.float32)
     if m.dim() != 1 or m.shape != s.shape or len(m) == 0:
-        raise ConfigError(f"{role}.mean and {role}.std must be lists of one value per input channel "
-                          f"(or one for all), got {list(mean)} and {list(std)}")
+        raise ConfigError(f"{_key(role, 'mean')} and {_key(role, 'std')} must be lists of one value per "
+                          f"input channel (or one for all), got {list(mean)} and {list(std)}")
     if not bool(torch.isfinite(m).all() and torch.isfinite(s).all()) or bool((s <= 0).any()):
-        raise ConfigError(f"{role}.std must be positive and finite, got {list(std)}")
+        raise ConfigError(f"{_key(role, 'std')} must be positive and finite, got {list(std)}")
     return m.reshape(1, -1, 1, 1), s.reshape(1, -1, 1, 1)
 
 

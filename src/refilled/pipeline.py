@@ -1,83 +1,66 @@
-"""``refilled run``: config -> task -> teacher -> the method -> one test evaluation -> results.
+"""``refilled run``: config -> run directory -> tasks -> teacher -> student -> test -> results.
 
-Data flows one way, in these steps:
+Read top to bottom, :func:`run` does:
 
-1. the **tasks** of the protocol (:mod:`refilled.tasks`): the student's classes and splits, and
-   the teacher's;
-2. the **checks** that need no training: the method's declared requirements, the batch
-   settings, both networks built;
-3. the **teacher** (an explicit step): loaded from ``teacher.checkpoint`` or
-   ``teacher.weights``, random (the control), or trained once in its own run directory that every
-   student run shares;
-4. the **student** is trained by :func:`refilled.distill` (the same function a Python user calls),
-   which resolves the teacher centres and the class map into values, builds the method's stages
-   and runs the one training loop;
-5. one **evaluation** on the test split (protocol-specific: old/new classes, few-shot episodes)
-   and one **results** writer.
+1. check the config's names (dataset, method, architectures) and open the run directory (its
+   config checked, its lock held); a finished run returns its results (after its inputs are
+   checked against the ones it recorded);
+2. build the protocol's tasks: the student's classes and splits, and the teacher's;
+3. the teacher: loaded (``teacher.checkpoint``, ``teacher.weights``, or the finished run that
+   trained it), random (the control), or built to be trained here, in its own run directory
+   that every student run shares;
+4. the student, built from its seed; then :func:`refilled.distillation.prepare` for the
+   teacher's fit (when it trains here) and for the student's: every check and one rehearsal
+   per network pair, before any step;
+5. fit the teacher (then test it once and save it), then the student
+   (:func:`refilled.distillation.fit`, the same function ``refilled.distill`` calls);
+6. one evaluation on the test split (the protocol's figures, and the NCM figures of every
+   embedding stage's snapshot) and one results file.
 
-The test split is read once, in step 5, for the reported figures; everything selected during
-training (nothing, by default: the last epoch is reported) may only look at the validation split
-carved from the training data.
+The test split is read once, in step 6; everything selected during training (nothing, by
+default: the last epoch is reported) may only look at the validation split carved from the
+training data.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from refilled.api import distill, rehearse, weights_of
 from refilled.config import Config
 from refilled.data import Augment
+from refilled.distillation import Plan, fit, prepare, weights_of
 from refilled.errors import ConfigError, UserError
 from refilled.evaluation import (
     as_input,
     classifier_predictor,
     embedding_norm,
-    episode_accuracies,
     ncm_predictor,
     predict,
-    sample_episodes,
     split_accuracy,
 )
-from refilled.files import atomic_write_text
 from refilled.methods import MethodSpec, method_spec
 from refilled.models.checkpoints import network_from_model_file, read_model_file, save_model
-from refilled.models.external import build_module, check_arch, load_weights
-from refilled.networks import FrozenTeacher, Network
-from refilled.rundirs import (
-    config_digest,
-    finished_results,
-    hold,
-    prepare_run_dir,
-    run_dir_of,
-    teacher_config,
-)
+from refilled.models.external import build_module, load_weights
+from refilled.networks import Network
+from refilled.protocols import PROTOCOLS, Task, Tasks, check_config, protocol_name, shared_classes
+from refilled.runs import RunDir, config_digest, module_digest, run_dir_of, teacher_config, tensors_digest
 from refilled.runtime import Dist, init_distributed, seed_everything
-from refilled.stats import ci95
-from refilled.tasks import (
-    Task,
-    Tasks,
-    distill_tasks,
-    fewshot_tasks,
-    incremental_tasks,
-    protocol_name,
-    shared_classes,
-)
 
 # ------------------------------------------------------------------ networks
 
 
-def build_network(section, role: str, task: Task, num_classes: int, device) -> Network:
-    """The ``teacher`` / ``student`` section's module, freshly initialised, as a Network with
-    its input statistics (the data's unless the section gives its own)."""
+def build_network(section, role: str, task: Task, device, seed: int | None = None) -> Network:
+    """The ``teacher`` / ``student`` section's module, freshly initialised from ``seed`` (the one
+    seeding of that network), as a Network with its input statistics (the data's unless the
+    section gives its own)."""
+    if seed is not None:
+        seed_everything(seed)
     images = task.train.images
-    module = build_module(section.arch, num_classes, int(images.shape[1]),
+    module = build_module(section.arch, task.num_classes, int(images.shape[1]),
                           input_size=int(images.shape[-1]), kwargs=section.kwargs, role=role)
     mean = section.mean if section.mean is not None else task.info["mean"]
     std = section.std if section.std is not None else task.info["std"]
@@ -86,7 +69,7 @@ def build_network(section, role: str, task: Task, num_classes: int, device) -> N
     return net.to(device)
 
 
-def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[Network, Path]:
+def load_model_file(path, cfg: Config, task: Task, device) -> Network:
     """The teacher from a refilled ``model.pt`` (or the run directory holding one), checked
     against the config's architecture, classes and input channels."""
     ckpt, path = read_model_file(path, hint="; train one with `refilled run` (it writes model.pt), "
@@ -104,7 +87,7 @@ def load_model_file(path: str | Path, cfg: Config, task: Task, device) -> tuple[
     net = network_from_model_file(ckpt, path, role="teacher", embedding=t.embedding, head=t.head,
                                   mean=t.mean, std=t.std, maps=t.maps,
                                   default_stats=(task.info["mean"], task.info["std"]))
-    return net.to(device), path
+    return net.to(device)
 
 
 @torch.no_grad()
@@ -123,97 +106,96 @@ def calibrate_batchnorm(network: Network, images: torch.Tensor, device, max_imag
     network.eval()
 
 
-# ------------------------------------------------------------------ the teacher step
+def augment_of(task: Task):
+    info = task.info
+    if not info.get("train_augment", True):
+        return None
+    return Augment(info["pad"], info["flip"], **info.get("augment", {}))
 
 
-def prepare_teacher(cfg: Config, tasks: Tasks, device, dist: Dist) -> tuple[Network, dict]:
-    """The frozen teacher: reused by path, loaded from a state dict, random (control), or
-    trained once (in its own run directory, shared by every student run) and loaded."""
+# ------------------------------------------------------------------ the teacher
+
+
+@dataclass
+class Teacher:
+    """The frozen teacher of a run: its network and where it came from; when it is trained in
+    this call, its own config, run directory and (once prepared) plan."""
+
+    network: Network
+    source: str
+    init: str
+    cfg: Config | None = None
+    run: RunDir | None = None
+    plan: Plan | None = field(default=None, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.run is None
+
+    def close(self) -> None:
+        if self.plan is not None:
+            self.plan.close(failed=True)
+        if self.run is not None:
+            self.run.close()
+
+
+def make_teacher(cfg: Config, tasks: Tasks, device, dist: Dist) -> Teacher:
+    """The teacher network: loaded, random (the control), or built to be trained here."""
     t, task = cfg.teacher, tasks.teacher
     if t.init == "random":
-        torch.manual_seed(t.seed)
-        net = build_network(t, "teacher", task, task.num_classes, device)
+        net = build_network(t, "teacher", task, device, seed=t.seed)
         calibrate_batchnorm(net, task.train.images, device)
-        source = "random"
-    elif t.checkpoint is not None:
-        net, _ = load_model_file(t.checkpoint, cfg, task, device)
-        source = t.checkpoint
-    elif t.weights is not None:
-        net = build_network(t, "teacher", task, task.num_classes, device)
+        return Teacher(net, "random", t.init)
+    if t.checkpoint is not None:
+        return Teacher(load_model_file(t.checkpoint, cfg, task, device), t.checkpoint, t.init)
+    if t.weights is not None:
+        net = build_network(t, "teacher", task, device)
         load_weights(net.module, t.weights, "teacher", t.arch)
-        source = t.weights
-    else:
-        tcfg = teacher_config(cfg)
-        run_dir = run_dir_of(tcfg)
-        train_and_evaluate(tcfg, method_spec("ce"), Tasks(student=task, teacher=task), None,
-                           run_dir, device, dist, role="teacher")
-        dist.barrier()  # the other ranks read what rank 0 wrote
-        net, _ = load_model_file(run_dir, cfg, task, device)
-        source = str(run_dir)
-    net.eval()
-    net.probe(as_input(task.train.images[:4], device))
-    info = {"teacher": source, "teacher_test_accuracy": None, "teacher_init": t.init}
-    if net.has_logits and net.num_classes == task.num_classes:
-        _, logits = predict(net, task.test.images, device, dist=dist)
-        info["teacher_test_accuracy"] = (logits.argmax(1).cpu() == task.test.labels).double().mean().item()
-    return net, info
+        return Teacher(net, t.weights, t.init)
+    tcfg = teacher_config(cfg)
+    run = RunDir.open(run_dir_of(tcfg), tcfg, rank=dist.rank)
+    if run.finished() is not None:
+        run.close()
+        return Teacher(load_model_file(run.path, cfg, task, device), str(run.path), t.init)
+    net = build_network(tcfg.student, "teacher", task, device, seed=tcfg.seed)
+    return Teacher(net, str(run.path), t.init, cfg=tcfg, run=run)
+
+
+def check_class_map(spec: MethodSpec, teacher: Network, tasks: Tasks, device) -> None:
+    """A method that reads the teacher's logits of the shared classes needs a teacher whose
+    outputs are its class window (not, e.g., an external teacher of another label space)."""
+    if not spec.shared_classes:
+        return
+    teacher.probe(as_input(tasks.teacher.train.images[:4], device))
+    if teacher.num_classes != tasks.teacher.num_classes:
+        raise ConfigError(
+            f"method '{spec.name}' maps the student's classes onto the teacher's outputs for "
+            f"its data.teacher_classes={tasks.teacher.num_classes} classes, but the teacher "
+            f"has {teacher.num_classes} outputs (teacher.kwargs); use refilled, rkd, pkt, sp, "
+            "at or fitnet, which need no shared label space")
+
+
+def train_teacher(teacher: Teacher, task: Task, device, dist: Dist) -> None:
+    """Fit the prepared teacher, test it once on its classes, save it and its results."""
+    tic = time.perf_counter()
+    fit(teacher.plan)
+    ce = method_spec("ce")
+    figures = evaluate(teacher.cfg, ce, task, teacher.network, None, device, dist)
+    finish(teacher.run, teacher.cfg, ce, task, teacher.network, figures, role="teacher",
+           info=NO_TEACHER, overlap=None, tic=tic, history=teacher.plan.history)
+    dist.barrier()  # the other ranks read what rank 0 wrote
+    teacher.run.close()
+    teacher.run, teacher.plan = None, None
 
 
 # ------------------------------------------------------------------ evaluation
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """An entry of :data:`PROTOCOLS`: how the tasks are built and what the test reports."""
-
-    tasks: Callable[[Config], Tasks]
-    test: Callable  # (cfg, task, predictor, embed) -> dict of test figures
-
-
-def _test_plain(cfg, task: Task, predict_labels, embed) -> dict:
-    return {"test_accuracy": split_accuracy(predict_labels, task.test.images, task.test.labels)}
-
-
-def _test_incremental(cfg, task: Task, predict_labels, embed) -> dict:
-    n_old = cfg.data.teacher_classes
-    pred, labels = predict_labels(task.test.images).cpu(), task.test.labels
-    old = labels < n_old
-
-    def acc(mask):
-        return (pred[mask] == labels[mask]).double().mean().item() if int(mask.sum()) else None
-
-    return {"test_accuracy": acc(torch.ones_like(old)), "test_accuracy_old": acc(old),
-            "test_accuracy_new": acc(~old), "old_classes": n_old,
-            "new_classes": task.num_classes - n_old, "old_per_class": cfg.incremental.old_per_class,
-            "test_ci95": None}
-
-
-def _test_fewshot(cfg, task: Task, predict_labels, embed) -> dict:
-    fs = cfg.fewshot
-    out = {"shots": fs.shots, "novel_classes": task.num_classes, "fewshot_eval": fs.eval}
-    if fs.eval == "classifier":
-        return {"test_accuracy": split_accuracy(predict_labels, task.test.images, task.test.labels),
-                **out, "test_ci95": None}
-    generator = torch.Generator().manual_seed(cfg.seed)
-    _, support, query = sample_episodes(task.test.labels, ways=fs.ways, shots=fs.shots,
-                                        queries=fs.queries, episodes=fs.episodes, generator=generator)
-    accs = episode_accuracies(embed(task.test.images), support, query)
-    return {"test_accuracy": sum(accs) / len(accs), **out,
-            "test_ci95": ci95(accs) if len(accs) > 1 else None, "episodes": fs.episodes,
-            "ways": fs.ways, "queries": fs.queries}
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "distill": Protocol(distill_tasks, _test_plain),
-    "incremental": Protocol(incremental_tasks, _test_incremental),
-    "fewshot": Protocol(fewshot_tasks, _test_fewshot),
-}
-
-
 def evaluate(cfg: Config, spec: MethodSpec, task: Task, student: Network, teacher: Network | None,
              device, dist: Dist) -> dict:
     """The one look at the test split, with the method's predictor (its classifier, or the NCM
-    classifier of the student's or the teacher's embedding), plus the stage-1 NCM figures."""
+    classifier of the student's or the teacher's embedding), plus the NCM figures of every
+    embedding stage (the student's weights right after it)."""
     train = task.train
     model = teacher if spec.predictor == "teacher_ncm" else student
     if spec.predictor == "classifier":
@@ -230,138 +212,58 @@ def evaluate(cfg: Config, spec: MethodSpec, task: Task, student: Network, teache
 
     out = {"val_accuracy": split_accuracy(predict_labels, task.val.images, task.val.labels)}
     out.update(PROTOCOLS[cfg.protocol].test(cfg, task, predict_labels, embed))
-    out.update(stage1_ncm=None, stage1_ncm_val=None, stage1_embedding_norm=None)
     history = getattr(student, "refilled_history", None)
-    snapshot = history.snapshots.get("stage1") if history is not None else None
-    if snapshot is not None:
-        with weights_of(student, snapshot):
+    for stage, state in (history.snapshots if history is not None else {}).items():
+        with weights_of(student, state):
             ncm = ncm_predictor(student, train.images, train.labels, task.num_classes, device, dist=dist)
-            out["stage1_ncm"] = split_accuracy(ncm, task.test.images, task.test.labels)
-            out["stage1_ncm_val"] = split_accuracy(ncm, task.val.images, task.val.labels)
-            out["stage1_embedding_norm"] = embedding_norm(student, train.images, device, dist=dist)
+            out[f"{stage}_ncm_accuracy"] = split_accuracy(ncm, task.test.images, task.test.labels)
+            out[f"{stage}_ncm_val_accuracy"] = split_accuracy(ncm, task.val.images, task.val.labels)
+            out[f"{stage}_embedding_norm"] = embedding_norm(student, train.images, device, dist=dist)
     return out
-
-
-# ------------------------------------------------------------------ one run
-
-
-def _augment(task: Task):
-    info = task.info
-    if not info.get("train_augment", True):
-        return None
-    return Augment(info["pad"], info["flip"], **info.get("augment", {}))
 
 
 NO_TEACHER = {"teacher": None, "teacher_test_accuracy": None, "teacher_init": None}
 
 
-def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Network | None,
-                       run_dir: Path, device, dist: Dist, role: str = "student",
-                       teacher_info: dict = NO_TEACHER) -> dict:
-    """Train the student of ``cfg`` in ``run_dir`` (or return a finished run's results), test it
-    once and write ``model.pt`` and ``results.json``. Also trains the teacher (``role="teacher"``)."""
-    with hold(run_dir, dist.rank):
-        prepare_run_dir(run_dir, cfg, dist.rank)
-        saves_model = spec.predictor != "teacher_ncm"
-        finished = finished_results(run_dir, needs_model=saves_model)
-        if finished is not None:
-            return finished
-        tic = time.perf_counter()
-        task = tasks.student
-        seed_everything(cfg.seed)
-        student = build_network(cfg.student, "student", task, task.num_classes, device)
-        student_ids, teacher_ids = shared_classes(task, tasks.teacher)
-        if spec.schedules(cfg) or saves_model:
-            distill(teacher, student, task.train, val=task.val, config=cfg, run_dir=run_dir,
-                    device=device, num_classes=task.num_classes,
-                    shared_classes=(student_ids, teacher_ids), augment=_augment(task))
-        figures = evaluate(cfg, spec, task, student, teacher, device, dist)
-        history = getattr(student, "refilled_history", [])
-        if dist.is_main and saves_model:
-            images = task.train.images
-            save_model(run_dir / "model.pt", student, arch=cfg.student.arch, kwargs=cfg.student.kwargs,
-                       num_classes=task.num_classes, in_chans=int(images.shape[1]),
-                       input_size=int(images.shape[-1]), class_names=task.class_names,
-                       embedding=cfg.student.embedding, head=cfg.student.head)
-        results = {
-            "method": cfg.method,
-            "arm": cfg.arm,
-            "role": role,
-            "dataset": cfg.data.name,
-            "protocol": protocol_name(cfg),
-            "seed": cfg.seed,
-            "test_accuracy": figures.pop("test_accuracy"),
-            "val_accuracy": figures.pop("val_accuracy"),
-            "stage1_ncm_accuracy": figures.pop("stage1_ncm"),
-            "stage1_ncm_val_accuracy": figures.pop("stage1_ncm_val"),
-            "stage1_embedding_norm": figures.pop("stage1_embedding_norm"),
-            **figures,
-            **teacher_info,
-            "student_arch": cfg.student.arch if saves_model else None,
-            "num_classes": task.num_classes,
-            "overlap": len(student_ids) if role == "student" else None,
-            "train_images": len(task.train.labels),
-            "empty_mining_batches": getattr(history, "empty_batches", 0),
-            **getattr(history, "notes", {}),
-            "wall_seconds": round(time.perf_counter() - tic, 2),
-            "config_digest": config_digest(cfg),
-            "run_dir": str(run_dir),
-        }
-        if dist.is_main:
-            atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-        dist.barrier()
-        return results
+def finish(run: RunDir, cfg: Config, spec: MethodSpec, task: Task, student: Network, figures: dict,
+           *, role: str, info: dict, overlap, tic: float, history) -> dict:
+    """``model.pt`` (when the method has a student of its own) and ``results.json``."""
+    saves_model = spec.predictor != "teacher_ncm"
+    if saves_model and run.rank == 0:
+        images = task.train.images
+        section = cfg.student
+        save_model(run.model_file, student, arch=section.arch, kwargs=section.kwargs,
+                   num_classes=task.num_classes, in_chans=int(images.shape[1]),
+                   input_size=int(images.shape[-1]), class_names=task.class_names,
+                   embedding=section.embedding, head=section.head)
+    results = {
+        "method": cfg.method,
+        "arm": cfg.arm,
+        "role": role,
+        "dataset": cfg.data.name,
+        "protocol": protocol_name(cfg),
+        "seed": cfg.seed,
+        "test_accuracy": figures.pop("test_accuracy"),
+        "val_accuracy": figures.pop("val_accuracy"),
+        "stage1_ncm_accuracy": None, "stage1_ncm_val_accuracy": None, "stage1_embedding_norm": None,
+        **figures,
+        **info,
+        "student_arch": cfg.student.arch if saves_model else None,
+        "num_classes": task.num_classes,
+        "class_names": list(task.class_names),
+        "overlap": overlap,
+        "train_images": len(task.train.labels),
+        "empty_mining_batches": getattr(history, "empty_batches", 0),
+        **getattr(history, "notes", {}),
+        "wall_seconds": round(time.perf_counter() - tic, 2),
+        "config_digest": config_digest(cfg),
+        "run_dir": str(run.path),
+    }
+    run.write_results(results)
+    return results
 
 
-def rehearse_run(cfg: Config, spec: MethodSpec, tasks: Tasks, device, dist: Dist) -> None:
-    """Every check before anything trains, the teacher's training included: both networks are
-    built (the teacher as an untrained stand-in of its architecture when it still has to be
-    trained) and one batch of every stage goes through the method, with the global RNG forked,
-    so that nothing of the real run changes."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        student = build_network(cfg.student, "student", tasks.student, tasks.student.num_classes, device)
-        teacher = None
-        if spec.needs_teacher:
-            t = cfg.teacher
-            teacher = build_network(t, "teacher", tasks.teacher, tasks.teacher.num_classes, device)
-            if t.init == "trained" and t.checkpoint is None and t.weights is None:
-                tcfg = teacher_config(cfg)
-                rehearse(tcfg, method_spec("ce"), teacher, None, tasks.teacher.train, device=device,
-                         dist=dist, num_classes=tasks.teacher.num_classes, augment=_augment(tasks.teacher))
-        ids = shared_classes(tasks.student, tasks.teacher)
-        if spec.shared_classes and teacher is not None:
-            teacher.probe(as_input(tasks.teacher.train.images[:2], device))
-            if teacher.num_classes != tasks.teacher.num_classes:
-                raise ConfigError(
-                    f"method '{spec.name}' maps the student's classes onto the teacher's outputs for "
-                    f"its data.teacher_classes={tasks.teacher.num_classes} classes, but the teacher "
-                    f"has {teacher.num_classes} outputs (teacher.kwargs); use refilled, rkd, pkt, sp, "
-                    "at or fitnet, which need no shared label space")
-        rehearse(cfg, spec, student, teacher, tasks.student.train, device=device, dist=dist,
-                 num_classes=tasks.student.num_classes, shared_classes=ids,
-                 augment=_augment(tasks.student))
-
-
-def check_config(cfg: Config) -> None:
-    """The names a config gives that no value check can see: the dataset and the architectures
-    (zoo names, importable factories, timm models). ``refilled config`` and every run call it
-    before any data is read."""
-    from refilled.data import DATASET_NAMES
-
-    if cfg.data.name not in DATASET_NAMES:
-        raise ConfigError(f"config key 'data.name' must be one of {list(DATASET_NAMES)}, got "
-                          f"{cfg.data.name!r}")
-    check_arch(cfg.student.arch, "student")
-    spec = method_spec(cfg.method)
-    if spec.needs_teacher:
-        check_arch(cfg.teacher.arch, "teacher")
-    if spec.same_arch and (cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs):
-        raise ConfigError(
-            f"method '{spec.name}' starts from the old model, so student.arch/kwargs must equal "
-            f"teacher.arch/kwargs (got student {cfg.student.arch!r} {cfg.student.kwargs}, "
-            f"teacher {cfg.teacher.arch!r} {cfg.teacher.kwargs})"
-        )
+# ------------------------------------------------------------------ one run
 
 
 def _notice(cfg: Config, text: str) -> None:
@@ -369,24 +271,82 @@ def _notice(cfg: Config, text: str) -> None:
         print(f"refilled: {text}", file=sys.stderr, flush=True)
 
 
+def _data_digests(task: Task) -> dict[str, str]:
+    return {"train": tensors_digest([("images", task.train.images), ("labels", task.train.labels)]),
+            "val": tensors_digest([("images", task.val.images), ("labels", task.val.labels)])}
+
+
 def run(cfg: Config) -> dict:
     """Run one experiment (or resume it); return its results. A finished run is not redone."""
     check_config(cfg)
     dist, device = init_distributed(cfg.device)
     spec = method_spec(cfg.method)
-    run_dir = run_dir_of(cfg)
-    prepare_run_dir(run_dir, cfg, dist.rank)
-    finished = finished_results(run_dir, needs_model=spec.predictor != "teacher_ncm")
-    if finished is not None:
-        _notice(cfg, f"run '{run_dir}' has finished already; its results follow (delete its "
-                     "results.json to evaluate it again)")
-        return finished
-    if cfg.protocol != "distill" and dist.world > 1:
+    protocol = PROTOCOLS[cfg.protocol]
+    if not protocol.multi_process and dist.world > 1:
         raise UserError(f"protocol '{cfg.protocol}' runs in one process; start it without torchrun")
-    seed_everything(cfg.seed)
-    tasks = PROTOCOLS[cfg.protocol].tasks(cfg)
-    rehearse_run(cfg, spec, tasks, device, dist)  # before any training, the teacher's included
-    teacher, info = None, NO_TEACHER
-    if spec.needs_teacher:
-        teacher, info = prepare_teacher(cfg, tasks, device, dist)
-    return train_and_evaluate(cfg, spec, tasks, teacher, run_dir, device, dist, teacher_info=info)
+    with RunDir.open(run_dir_of(cfg), cfg, rank=dist.rank) as run_dir:
+        tasks = protocol.tasks(cfg)
+        finished = run_dir.finished(needs_model=spec.predictor != "teacher_ncm")
+        teacher = make_teacher(cfg, tasks, device, dist) if spec.needs_teacher and (
+            finished is None or cfg.teacher.init != "trained" or cfg.teacher.checkpoint
+            or cfg.teacher.weights) else None
+        try:
+            if finished is not None:
+                run_dir.check_inputs(_data_digests(tasks.student))
+                if teacher is not None and teacher.ready:
+                    run_dir.check_inputs({"teacher": module_digest(teacher.network.module)})
+                finished = run_dir.finished(needs_model=spec.predictor != "teacher_ncm")
+                if finished is not None:
+                    _notice(cfg, f"run '{run_dir.path}' has finished already; its results follow "
+                                 "(delete its results.json to evaluate it again)")
+                    return finished
+                if teacher is None and spec.needs_teacher:
+                    teacher = make_teacher(cfg, tasks, device, dist)
+            return _train_and_test(cfg, spec, tasks, teacher, run_dir, device, dist)
+        finally:
+            if teacher is not None:
+                teacher.close()
+
+
+def _train_and_test(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Teacher | None,
+                    run_dir: RunDir, device, dist: Dist) -> dict:
+    tic = time.perf_counter()
+    task = tasks.student
+    if teacher is not None:
+        check_class_map(spec, teacher.network, tasks, device)
+        if not teacher.ready:  # its fit is prepared first: its checks come before any step
+            teacher.plan = prepare(None, teacher.network, tasks.teacher.train, val=tasks.teacher.val,
+                                   config=teacher.cfg, num_classes=tasks.teacher.num_classes,
+                                   run=teacher.run, augment=augment_of(tasks.teacher), dist=dist,
+                                   device=device)
+    student = build_network(cfg.student, "student", task, device, seed=cfg.seed)
+    student_ids, teacher_ids = shared_classes(task, tasks.teacher)
+    network = teacher.network if teacher is not None else None
+    with prepare(network, student, task.train, val=task.val, config=cfg, num_classes=task.num_classes,
+                 shared_classes=(student_ids, teacher_ids), run=run_dir, augment=augment_of(task),
+                 dist=dist, device=device, teacher_ready=teacher is None or teacher.ready) as plan:
+        info = dict(NO_TEACHER)
+        if teacher is not None:
+            if not teacher.ready:
+                train_teacher(teacher, tasks.teacher, device, dist)
+                plan.check_teacher()
+            info = teacher_info(cfg, teacher, tasks.teacher, device, dist)
+        if plan.stages or spec.predictor != "teacher_ncm":
+            fit(plan)
+        figures = evaluate(cfg, spec, task, student, network, device, dist)
+        results = finish(run_dir, cfg, spec, task, student, figures, role="student", info=info,
+                         overlap=len(student_ids), tic=tic, history=plan.history)
+    dist.barrier()
+    return results
+
+
+def teacher_info(cfg: Config, teacher: Teacher, task: Task, device, dist: Dist) -> dict:
+    """Where the teacher came from and its test accuracy on its own classes."""
+    net = teacher.network
+    net.eval()
+    info = {"teacher": teacher.source, "teacher_test_accuracy": None, "teacher_init": teacher.init,
+            "teacher_arch": cfg.teacher.arch, "teacher_digest": module_digest(net.module)}
+    if net.has_logits and net.num_classes == task.num_classes:
+        _, logits = predict(net, task.test.images, device, dist=dist)
+        info["teacher_test_accuracy"] = (logits.argmax(1).cpu() == task.test.labels).double().mean().item()
+    return info

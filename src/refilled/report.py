@@ -5,50 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-import numbers
 import os
 import statistics
 from pathlib import Path
 
 from refilled.errors import UserError
-from refilled.files import atomic_write_bytes, atomic_write_text, read_json, write_csv
+from refilled.files import atomic_write_bytes, atomic_write_text, write_csv
+from refilled.runs import collect_results
 from refilled.stats import ci95, mean_std
-
-# What every refilled results.json holds, and the types of the keys a report reads.
-_REQUIRED = ("method", "test_accuracy", "seed")
-_NUMBER, _TEXT = "a number", "a string"
-_TYPES = {
-    "method": (_TEXT, False), "test_accuracy": (_NUMBER, False), "seed": ("an integer", False),
-    "role": (_TEXT, True), "arm": (_TEXT, True), "protocol": (_TEXT, True),
-    "teacher_init": (_TEXT, True), "overlap": ("an integer", True),
-    "stage1_ncm_accuracy": (_NUMBER, True), "val_accuracy": (_NUMBER, True),
-}
-
-
-def _is(value, kind: str) -> bool:
-    if isinstance(value, bool):
-        return False
-    if kind == _TEXT:
-        return isinstance(value, str)
-    if kind == _NUMBER:
-        return isinstance(value, numbers.Real)
-    return isinstance(value, int)
-
-
-def check_record(record: dict, path: Path, hint: str) -> dict:
-    """``record`` if it is a refilled result (see ``_TYPES``), else one UserError line."""
-    missing = [k for k in _REQUIRED if k not in record]
-    if missing:
-        raise UserError(f"results file '{path}' is not a refilled result (no "
-                        f"{', '.join(repr(k) for k in missing)}); {hint}")
-    for key, (kind, optional) in _TYPES.items():
-        value = record.get(key)
-        if (value is None and optional) or _is(value, kind):
-            continue
-        raise UserError(f"results file '{path}' is not a refilled result ('{key}' is {value!r}, "
-                        f"not {kind}); {hint}")
-    return record
-
 
 def _runs_folder(runs_dir: str | Path) -> Path:
     folder = Path(runs_dir)
@@ -62,19 +26,9 @@ def _runs_folder(runs_dir: str | Path) -> Path:
 
 
 def _collect_runs(runs_dir: str | Path, role: str | None = "student") -> list[tuple[dict, Path]]:
-    """(record, run directory) of every ``results.json`` below ``runs_dir``.
-
-    A ``results.json`` that cannot be read or is not a refilled result is one UserError line
-    naming it (move it out of the folder, or delete it).
-    """
-    folder = _runs_folder(runs_dir)
-    hint = f"move it out of '{folder}' or delete it"
-    runs = []
-    for path in sorted(folder.rglob("results.json")):
-        record = check_record(read_json(path, "results file", hint=hint), path, hint)
-        if role is None or record.get("role") == role:
-            runs.append((record, path.parent))
-    return runs
+    """(record, run directory) of every ``results.json`` below ``runs_dir`` (see
+    :func:`refilled.runs.collect_results`)."""
+    return collect_results(_runs_folder(runs_dir), role)
 
 
 def collect(runs_dir: str | Path, role: str | None = "student") -> list[dict]:

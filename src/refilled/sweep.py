@@ -12,7 +12,8 @@ from pathlib import Path
 
 from refilled.config import load_config, load_yaml, make_config
 from refilled.files import atomic_write_text, write_csv
-from refilled.pipeline import check_config, run
+from refilled.pipeline import run
+from refilled.protocols import check_config
 from refilled.stats import mean_std
 
 

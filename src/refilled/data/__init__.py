@@ -1,6 +1,7 @@
 """Data layer: dataset readers, class/split selection and an in-memory batch loader."""
 
-from refilled.data.common import ImageSet
+from refilled.data.common import ImageSet, Split
+from refilled.data.inputs import as_split, check_data
 from refilled.data.datasets import (
     DATASET_INFO,
     DATASET_NAMES,
@@ -19,6 +20,9 @@ __all__ = [
     "DATASET_INFO",
     "DATASET_NAMES",
     "ImageSet",
+    "Split",
+    "as_split",
+    "check_data",
     "load_cifar100",
     "load_cub200",
     "load_dataset",

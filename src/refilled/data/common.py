@@ -1,4 +1,5 @@
-"""What every dataset reader shares: the :class:`ImageSet` they return and the split check.
+"""What every dataset reader shares: the :class:`ImageSet` they return, the :class:`Split` a
+run trains on, and the split check.
 
 Kept apart from the readers so that :mod:`refilled.data.datasets` and
 :mod:`refilled.data.glyphs` both import it without importing each other.
@@ -12,7 +13,7 @@ import torch
 
 from refilled.errors import ConfigError
 
-__all__ = ["ImageSet", "SPLITS"]
+__all__ = ["ImageSet", "SPLITS", "Split"]
 
 SPLITS = ("train", "test")
 
@@ -30,6 +31,18 @@ class ImageSet:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of one side's data: images (uint8 N x C x H x W, or a user's float tensor)
+    and labels (int64 N, in 0..num_classes-1)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
 
 
 def _check_split(split, allowed=SPLITS) -> str:

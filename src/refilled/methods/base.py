@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from refilled.config import spell, say
 from refilled.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +54,7 @@ class Resolved:
     teacher: "FrozenTeacher | None"
     num_classes: int
     example: torch.Tensor  # a few raw training inputs (shape probes)
-    train: Any = None  # the training split (refilled.tasks.Split), for hand-off statistics
+    train: Any = None  # the training split (refilled.data.Split), for hand-off statistics
     centers: torch.Tensor | None = None  # global teacher centres of the student's classes
     student_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     teacher_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -144,3 +145,34 @@ def method_spec(name: str) -> MethodSpec:
 
 def needs_teacher(name: str) -> bool:
     return method_spec(name).needs_teacher
+
+
+def check_needs(spec: MethodSpec, student: "Network", teacher: "Network | None",
+                student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:
+    """The method's declared needs against the (probed) networks and the class map."""
+    method = spec.name
+    without = "refilled, rkd, pkt, sp, at or fitnet"
+    if spec.teacher_logits and teacher is not None and not teacher.has_logits:
+        raise ConfigError(f"method '{method}' matches the teacher's logits, but the teacher gives "
+                          f"none (a feature extractor); use {without}")
+    if spec.shared_classes and teacher is not None:
+        if len(teacher_ids) and teacher.num_classes is not None and int(teacher_ids.max()) >= teacher.num_classes:
+            raise ConfigError(f"method '{method}': shared class {int(teacher_ids.max())} is beyond the "
+                              f"teacher's {teacher.num_classes} outputs")
+        n = len(student_ids)
+        if n < spec.shared_classes:
+            which = "none" if n == 0 else "only one"
+            raise ConfigError(
+                f"method '{method}' needs at least {spec.shared_classes} classes the teacher knows, "
+                f"but the student's classes share {which} with the teacher's; use {without}, which "
+                "transfer knowledge without shared classes"
+                + say(" (from Python: pass shared_classes=(student ids, teacher ids))",
+                      ", or pass shared_classes=(student ids, teacher ids)")
+            )
+    if spec.maps:
+        for net in (student, teacher):
+            if net is not None and not net.has_maps:
+                raise ConfigError(
+                    f"method '{method}' needs feature maps, but the {net.role} has no forward_maps; "
+                    f"set {spell(net.role + '.maps')} to the names of the submodules whose outputs "
+                    "are its maps")

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from refilled.config import say
 from refilled.errors import ConfigError
 from refilled.losses import at_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss
 from refilled.methods.base import Method, Resolved, Stage, register_method
@@ -189,7 +190,9 @@ def at_pairs(student_shapes, teacher_shapes) -> list[tuple[int, int]]:
 
 
 def _arch(r: Resolved, role: str) -> str:
-    return getattr(r.cfg, role).arch
+    """What the caller calls the network: its config arch (CLI), or its class (Python)."""
+    network = r.student if role == "student" else r.teacher.network
+    return say(getattr(r.cfg, role).arch, type(network.module).__name__)
 
 
 @register_method("at", maps=True)

@@ -1,4 +1,4 @@
-"""REFILLED's two stages as methods (SPEC §2-3)."""
+"""REFILLED's two stages as methods: relationship matching, then the local classifier."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refilled.losses import (
-    local_centers,
-    local_classifier_loss,
-    relation_matching_terms,
+from refilled.losses import (  # the unchecked forms: no host sync in a training step
+    _local_centers,
+    _local_classifier_loss,
+    _relation_matching_terms,
     teacher_instance_weights,
 )
 from refilled.methods.base import Method, Resolved, Stage, register_method
@@ -49,7 +49,7 @@ class RelationMatching(Method):
         if self.dist is not None and self.dist.world > 1:
             s_emb, t_emb, y = self.dist.gather(s_emb), self.dist.gather(t_emb), self.dist.gather(y)
         with torch.autocast(s_emb.device.type, enabled=False):  # mining and the KL in fp32
-            loss, num_tuples = relation_matching_terms(
+            loss, num_tuples = _relation_matching_terms(
                 s_emb.float(), t_emb.float(), y,
                 tau=self.cfg.tau, margin=self.cfg.margin, mode=self.cfg.mode, scale=self.cfg.scale,
             )
@@ -81,10 +81,10 @@ class LocalClassifierDistillation(Method):
         num_classes = logits.shape[1]
         with torch.autocast(logits.device.type, enabled=False):  # teacher logits and KL in fp32
             t_emb = t_emb.float()
-            centers = self.centers if self.cfg.centers == "global" else local_centers(t_emb, y, num_classes)
+            centers = self.centers if self.cfg.centers == "global" else _local_centers(t_emb, y, num_classes)
             weights = (teacher_instance_weights(t_logits.float())
                        if self.cfg.weighting and t_logits is not None else None)
-            distill = local_classifier_loss(
+            distill = _local_classifier_loss(
                 logits.float(), t_emb, y, centers,
                 tau_teacher=self.cfg.tau_teacher, tau_student=self.cfg.tau_student,
                 weights=weights, normalize_teacher=self.cfg.normalize_teacher,
@@ -190,12 +190,13 @@ def _stage1_only_schedules(cfg) -> list:
 def build_refilled_stage1(r: Resolved) -> list[Stage]:
     """REFILLED's stage 1 alone, reported with its nearest-class-mean classifier (ablation
     ``stage1_only``): the stage's budget is ``stage1.optim``."""
+    from refilled.config import spell
     from refilled.errors import ConfigError
 
     if r.cfg.stage1.optim.epochs == 0:
         raise ConfigError(
-            "method 'refilled_stage1' trains REFILLED's stage 1 only, but stage1.optim.epochs is 0; "
-            "set stage1.optim.epochs > 0"
+            f"method 'refilled_stage1' trains REFILLED's stage 1 only, but "
+            f"{spell('stage1.optim.epochs')} is 0; give it at least 1 epoch"
         )
     method = RelationMatching(r.student, r.teacher, r.cfg.stage1)
     return [Stage("stage1", method, r.cfg.stage1.optim, validate="ncm")]

@@ -1,7 +1,8 @@
-"""What each side learns: class windows, splits and the protocols' tasks (SPEC §4).
+"""The protocols: what each side learns (class windows, splits) and what the test reports.
 
-``build_tasks(cfg)`` is called once per run and gives the student's :class:`Task` and the
-teacher's (the classes the teacher learns, with its own splits), for each protocol:
+Each protocol is one entry of :data:`PROTOCOLS`: its ``tasks(cfg)``, called once per run, gives
+the student's :class:`Task` and the teacher's (the classes the teacher learns, with its own
+splits), and its ``test(...)`` the figures of the one look at the test split:
 
 * **distill** — class windows: the teacher learns ``order[0:n]``, the student
   ``order[s:s+n_s]`` (same, disjoint or partly overlapping classes);
@@ -20,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from refilled.config import Config
 from refilled.data import (
     DATASET_INFO,
+    DATASET_NAMES,
+    Split,
     cap_per_class,
     class_order,
     class_window,
@@ -34,15 +38,10 @@ from refilled.data import (
     stratified_split,
 )
 from refilled.errors import ConfigError, UserError
-
-
-@dataclass(frozen=True)
-class Split:
-    images: torch.Tensor  # uint8 N x C x H x W (or a user's float tensor)
-    labels: torch.Tensor  # int64 N, in 0..num_classes-1
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+from refilled.evaluation import episode_accuracies, sample_episodes, split_accuracy
+from refilled.methods import method_spec
+from refilled.models.external import check_arch
+from refilled.stats import ci95
 
 
 @dataclass(frozen=True)
@@ -220,3 +219,77 @@ def protocol_name(cfg: Config) -> str:
     if s == 0 and n_s == n_t:
         return "standard"
     return "cross_task" if s >= n_t else "partial_overlap"
+
+
+# ------------------------------------------------------------------ what the test reports
+
+
+def _test_plain(cfg, task: Task, predict_labels, embed) -> dict:
+    return {"test_accuracy": split_accuracy(predict_labels, task.test.images, task.test.labels)}
+
+
+def _test_incremental(cfg, task: Task, predict_labels, embed) -> dict:
+    n_old = cfg.data.teacher_classes
+    pred, labels = predict_labels(task.test.images).cpu(), task.test.labels
+    old = labels < n_old
+
+    def acc(mask):
+        return (pred[mask] == labels[mask]).double().mean().item() if int(mask.sum()) else None
+
+    return {"test_accuracy": acc(torch.ones_like(old)), "test_accuracy_old": acc(old),
+            "test_accuracy_new": acc(~old), "old_classes": n_old,
+            "new_classes": task.num_classes - n_old, "old_per_class": cfg.incremental.old_per_class,
+            "test_ci95": None}
+
+
+def _test_fewshot(cfg, task: Task, predict_labels, embed) -> dict:
+    fs = cfg.fewshot
+    out = {"shots": fs.shots, "novel_classes": task.num_classes, "fewshot_eval": fs.eval}
+    if fs.eval == "classifier":
+        return {"test_accuracy": split_accuracy(predict_labels, task.test.images, task.test.labels),
+                **out, "test_ci95": None}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    _, support, query = sample_episodes(task.test.labels, ways=fs.ways, shots=fs.shots,
+                                        queries=fs.queries, episodes=fs.episodes, generator=generator)
+    accs = episode_accuracies(embed(task.test.images), support, query)
+    return {"test_accuracy": sum(accs) / len(accs), **out,
+            "test_ci95": ci95(accs) if len(accs) > 1 else None, "episodes": fs.episodes,
+            "ways": fs.ways, "queries": fs.queries}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An entry of :data:`PROTOCOLS`: how the tasks are built and what the test reports."""
+
+    tasks: Callable[[Config], Tasks]
+    test: Callable  # (cfg, task, predict_labels, embed) -> dict of test figures
+    multi_process: bool = False  # whether it may run under torchrun
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "distill": Protocol(distill_tasks, _test_plain, multi_process=True),
+    "incremental": Protocol(incremental_tasks, _test_incremental),
+    "fewshot": Protocol(fewshot_tasks, _test_fewshot),
+}
+
+
+def check_config(cfg: Config) -> None:
+    """The names a config gives that no value check can see: the dataset, the method (and its
+    protocol) and the architectures (zoo names, importable factories, timm models).
+    ``refilled config`` and every run call it before any data is read."""
+    if cfg.data.name not in DATASET_NAMES:
+        raise ConfigError(f"config key 'data.name' must be one of {list(DATASET_NAMES)}, got "
+                          f"{cfg.data.name!r}")
+    spec = method_spec(cfg.method)
+    if spec.protocols and cfg.protocol not in spec.protocols:
+        raise ConfigError(f"method '{spec.name}' belongs to the {' / '.join(spec.protocols)} "
+                          f"protocol; set protocol: {spec.protocols[0]}")
+    check_arch(cfg.student.arch, "student")
+    if spec.needs_teacher:
+        check_arch(cfg.teacher.arch, "teacher")
+    if spec.same_arch and (cfg.student.arch != cfg.teacher.arch or cfg.student.kwargs != cfg.teacher.kwargs):
+        raise ConfigError(
+            f"method '{spec.name}' starts from the old model, so student.arch/kwargs must equal "
+            f"teacher.arch/kwargs (got student {cfg.student.arch!r} {cfg.student.kwargs}, "
+            f"teacher {cfg.teacher.arch!r} {cfg.teacher.kwargs})"
+        )
