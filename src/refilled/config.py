@@ -450,17 +450,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = parse_yaml(raw, f"override '{text}'", advice="quote the value or fix it") if raw != "" else None
     except UserError as err:
         raise ConfigError(str(err)) from None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads '1e-3' as a string
+    if isinstance(value, str) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        value = float(value)  # a non-finite number, refused by name where a number is due
     return key.strip(), value
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -96,6 +96,8 @@ class _Borrowed:
             network.close()  # the module is the user's again: no hook left
         self._wrappers = []
         for module, modes, grads, home, always_home in self._modules:
+            for m in module.modules():  # a classifier refilled made takes the module's mode
+                m.training = modes[0][1]
             for m, mode in modes:
                 m.training = mode
             known = {id(p) for p, _ in grads}
