@@ -68,7 +68,7 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | multistep | constant
-    final_lr_ratio: float = 0.1  # cosine anneals to final_lr_ratio * lr (SPEC §2)
+    final_lr_ratio: float = 0.1  # cosine anneals to final_lr_ratio * lr (the papers: 0.1)
     milestones: tuple[int, ...] = (50, 100, 150)  # multistep
     gamma: float = 0.2  # multistep
 
@@ -108,7 +108,7 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Relationship matching on the embedding (SPEC §2); ``optim.epochs = 0`` skips stage 1 (the
+    """Relationship matching on the embedding (REFILLED stage 1); ``optim.epochs = 0`` skips stage 1 (the
     ``stage2_only`` ablation). By default stage 1 gets the same schedule as stage 2 (``train``:
     10 epochs), as in the papers' recipe (equal budgets)."""
 
@@ -121,7 +121,7 @@ class Stage1Config:
 
 @dataclass(frozen=True)
 class Stage2Config:
-    """Embedding-induced local classifier distillation (SPEC §3)."""
+    """Embedding-induced local classifier distillation (REFILLED stage 2)."""
 
     preset: str | None = None  # tpami | cvpr_recon | cvpr: fills what the user leaves unset
     tau_teacher: float = 1.0

@@ -47,7 +47,7 @@ from refilled.models.checkpoints import network_from_model_file, read_model_file
 from refilled.models.external import build_module, load_weights
 from refilled.networks import Network
 from refilled.protocols import PROTOCOLS, Task, Tasks, check_config, protocol_name, shared_classes
-from refilled.runs import RunDir, config_digest, module_digest, run_dir_of, teacher_config, tensors_digest
+from refilled.runs import RESULTS, RunDir, config_digest, module_digest, run_dir_of, teacher_config, tensors_digest
 from refilled.runtime import Dist, init_distributed, seed_everything
 
 # ------------------------------------------------------------------ networks
@@ -245,7 +245,6 @@ def finish(run: RunDir, cfg: Config, spec: MethodSpec, task: Task, student: Netw
         "seed": cfg.seed,
         "test_accuracy": figures.pop("test_accuracy"),
         "val_accuracy": figures.pop("val_accuracy"),
-        "stage1_ncm_accuracy": None, "stage1_ncm_val_accuracy": None, "stage1_embedding_norm": None,
         **figures,
         **info,
         "student_arch": cfg.student.arch if saves_model else None,
@@ -259,6 +258,7 @@ def finish(run: RunDir, cfg: Config, spec: MethodSpec, task: Task, student: Netw
         "config_digest": config_digest(cfg),
         "run_dir": str(run.path),
     }
+    results = {**{key: None for key in RESULTS}, **results}  # every key of the format, null where not made
     run.write_results(results)
     return results
 

@@ -26,8 +26,7 @@ from refilled.errors import RunDirError, UserError
 from refilled.files import RunLock, atomic_write_text, read_json, safe_load_yaml, write_csv
 from refilled.methods import needs_teacher
 
-RUN_FILES = ("stage1.ckpt", "stage2.ckpt", "train.ckpt", "teacher_centers.pt", "metrics.csv",
-             "model.pt", "results.json")
+RUN_FILES = ("teacher_centers.pt", "metrics.csv", "model.pt", "results.json")  # and <stage>.ckpt
 INPUTS = {  # what inputs.json records, and how a message names each
     "teacher": "the teacher's weights and buffers",
     "train": "the training data (images and labels)",
@@ -142,7 +141,7 @@ RESULTS: dict[str, tuple[str, bool]] = {
     "role": (_TEXT, True), "arm": (_TEXT, True), "protocol": (_TEXT, True),
     "teacher_init": (_TEXT, True), "overlap": (_INT, True),
     "val_accuracy": (_NUMBER, True), "stage1_ncm_accuracy": (_NUMBER, True),
-    "stage1_ncm_val_accuracy": (_NUMBER, True),
+    "stage1_ncm_val_accuracy": (_NUMBER, True), "stage1_embedding_norm": (_NUMBER, True),
 }
 
 
@@ -272,7 +271,8 @@ class RunDir:
                 raise RunDirError(f"run directory '{self.path}' holds a run with a different "
                                   f"configuration{what}; {self._another()}")
             return
-        leftovers = [n for n in RUN_FILES if (self.path / n).exists()]
+        leftovers = sorted(p.name for p in self.path.glob("*.ckpt")) + [
+            n for n in RUN_FILES if (self.path / n).exists()]
         if leftovers:
             raise RunDirError(
                 f"run directory '{self.path}' holds {', '.join(leftovers)} but no config.yaml, so "
