@@ -53,6 +53,15 @@ class DataConfig:
     val_per_class: int = 100  # validation images per class, carved from the training split
     split_seed: int = 0  # seeds the caps and the validation split (not the run seed)
     augment: bool = True  # training-time augmentation with the dataset's defaults (DATASET_INFO)
+    # How images are read: in memory (one tensor on the training device) or streamed (read at
+    # every use by DataLoader worker processes, per-item transforms applied each time). auto:
+    # in memory when the decoded images fit a quarter of the available memory and a Dataset has
+    # no per-item random transforms, streamed otherwise.
+    in_memory: bool | str = "auto"  # auto | true | false
+    workers: int | None = None  # streamed: worker processes (None: the cores less one, at most 8)
+    pin_memory: bool | None = None  # streamed: pinned host memory (None: on CUDA)
+    prefetch: int = 2  # streamed: batches each worker prepares ahead
+    persistent_workers: bool = True  # streamed: workers kept alive between epochs
     # image_folder without train/ and test/ folders: the test split carved from each class
     test_fraction: float = 0.2  # round(test_fraction * class size) test images per class
     test_split_seed: int = 0  # seeds that carving (fixed: the test split never moves)
@@ -285,6 +294,8 @@ SHORTCUTS: dict[str, tuple[str, ...]] = {
     "amp": ("speed.amp",),
     "compile": ("speed.compile",),
     "device": ("device",),
+    "workers": ("data.workers",),
+    "in_memory": ("data.in_memory",),
 }
 # The keyword that names a dotted key for a Python caller (the first keyword that sets it).
 _KEYWORD_OF: dict[str, str] = {}
@@ -641,6 +652,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{subject('device')} must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) "
                           f"or mps, got {cfg.device!r}")
     _validate_ranges(cfg)
+    if cfg.data.in_memory not in ("auto", True, False):
+        raise ConfigError(f"{subject('data.in_memory')} must be auto, true or false, got {cfg.data.in_memory!r}")
+    if cfg.data.workers is not None:
+        _positive("data.workers", cfg.data.workers, allow_zero=True)
+    _positive("data.prefetch", cfg.data.prefetch)
     for key in ("stage1.tau", "stage2.tau_teacher", "stage2.tau_student"):
         value = _get(cfg, key)
         if not value > 0:
@@ -755,3 +771,4 @@ def to_dict(cfg) -> dict:
 
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+

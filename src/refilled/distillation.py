@@ -41,6 +41,7 @@ from refilled.config import (
     to_dict,
 )
 from refilled.data import Augment, ClassBalancedSampler, Split, TensorLoader, as_split, check_data
+from refilled.data.streaming import StreamLoader, StreamSettings
 from refilled.engine import train_stage
 from refilled.errors import ConfigError, RefilledError, UserError
 from refilled.evaluation import accuracy, as_input, ncm_eval, predict
@@ -236,13 +237,16 @@ def check_batches(cfg: Config, spec: MethodSpec, labels: torch.Tensor, num_class
 
 
 def _loader(split: Split, optim, *, seed: int, device, dist: Dist, augment, channels_last: bool):
+    """The training batches of a split: in memory (one tensor on the device) or streamed
+    (read at every use by worker processes); the same batches either way."""
     sampler = None
     if optim.m_per_class:
         sampler = ClassBalancedSampler(split.labels, optim.m_per_class, optim.batch_size, seed=seed)
     batch = min(optim.batch_size, len(split.labels)) if sampler is None else optim.batch_size
-    return TensorLoader(split.images, split.labels, batch, shuffle=True, drop_last=True,
-                        augment=augment, device=device, seed=seed, sampler=sampler,
-                        rank=dist.rank, world=dist.world, channels_last=channels_last)
+    loader = StreamLoader if split.streamed else TensorLoader
+    return loader(split.images, split.labels, batch, shuffle=True, drop_last=True,
+                  augment=augment, device=device, seed=seed, sampler=sampler,
+                  rank=dist.rank, world=dist.world, channels_last=channels_last)
 
 
 def _size_classifier(plan: Plan, student: Network) -> None:
@@ -273,15 +277,20 @@ def prepare(teacher: nn.Module | None, student: nn.Module, train, *, config: Con
         raise ConfigError("the teacher and the student are the same module (or share parameters); "
                           "the teacher stays frozen while the student trains: pass a separate "
                           "student, e.g. a fresh instance or copy.deepcopy(teacher)")
-    train = as_split(train, "train")
-    val = as_split(val, "val") if val is not None else None
+    if dist is None:
+        dist, device = init_distributed(cfg.device if device is None else device)
+    reading = dict(in_memory=cfg.data.in_memory, settings=StreamSettings.of(cfg.data), device=device)
+    train = as_split(train, "train", **reading)
+    val = as_split(val, "val", **reading) if val is not None else None
     num_classes = check_data(train, val, num_classes)
+    if cfg.progress and dist.is_main:
+        for what, split in (("training", train), ("validation", val)):
+            if split is not None and split.note:
+                print(f"refilled: {what} data {split.note}", file=sys.stderr, flush=True)
     if shared_classes is not None:
         student_ids, teacher_ids = _shared(shared_classes, num_classes)
     else:
         student_ids = teacher_ids = torch.zeros(0, dtype=torch.long)
-    if dist is None:
-        dist, device = init_distributed(cfg.device if device is None else device)
     augment = Augment(**augment) if isinstance(augment, Mapping) else augment
     if augment is not None and not callable(augment):
         raise ConfigError(f"augment= must be None, a dict of Augment arguments or a callable "
@@ -549,6 +558,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             teacher_mean=None, teacher_std=None, teacher_maps=None,
             seed: int = default("seed"),
             device: str = default("device"),
+            in_memory: bool | str = default("data.in_memory"),
+            workers: int | None = None,
             run_dir: str | Path | None = None,
             amp: bool = False, compile: bool = False,
             eval_every: int = default("eval_every"),
@@ -573,7 +584,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             REFILLED's stage 2.
         train: ``(images, labels)`` tensors — images uint8 (0-255, scaled to [0, 1]) or float,
             N x C x H x W; labels N class indices 0..K-1, every class present — or a map-style
-            torch ``Dataset`` of ``(image, label)`` items (read into memory once).
+            torch ``Dataset`` of ``(image, label)`` items, read into memory once or streamed (see
+            ``in_memory``).
         val: the same kind of data, for validation after every ``eval_every`` epochs (never the
             test set); its classes must be training classes.
         method: ``"refilled"`` (stage 1, then stage 2), ``"ce"`` (the student alone, no teacher),
@@ -602,6 +614,12 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             the teacher (its statistics default to the student's).
         seed: the seed of the batches, augmentation and fresh classifiers.
         device: ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
+        in_memory: ``"auto"``: a Dataset is read into memory once when its decoded images fit a
+            quarter of the available memory and it has no per-item random transforms, and is
+            streamed otherwise — read at every use by worker processes, its transforms applied
+            each time (fresh views every epoch, seeded by seed, epoch and item); ``True`` /
+            ``False`` force either path. Tensors are always in memory.
+        workers: worker processes of the streamed path (None: the cores less one, at most 8).
         run_dir: a folder for checkpoints (after every epoch), ``metrics.csv`` and the teacher
             centres; calling again with the same arguments resumes there (finished stages are not
             redone). It remembers its config and digests of the teacher, the data and the
@@ -618,7 +636,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
                     preset=preset, embedding=embedding, head=head, mean=mean, std=std, maps=maps,
                     teacher_embedding=teacher_embedding, teacher_head=teacher_head,
                     teacher_mean=teacher_mean, teacher_std=teacher_std, teacher_maps=teacher_maps,
-                    seed=seed, device=device, amp=amp, compile=compile, eval_every=eval_every,
+                    seed=seed, device=device, in_memory=in_memory, workers=workers, amp=amp, compile=compile, eval_every=eval_every,
                     progress=progress)
     if isinstance(device, torch.device):
         keywords["device"] = str(device)

@@ -1,8 +1,10 @@
 """Evaluation: embeddings and logits of a split, classifier accuracy, nearest class mean (NCM).
 
 Everything here runs in eval mode without augmentation and never trains. Images are uint8
-(scaled to [0, 1] here) or the user's float tensors (used as they are); every network
-normalises its input itself (:class:`refilled.networks.Network`).
+(scaled to [0, 1] here) or the user's float tensors (used as they are), held in memory or read
+from a streamed view (:class:`refilled.data.streaming.StreamedImages`, in order, through its
+worker processes); every network normalises its input itself
+(:class:`refilled.networks.Network`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from refilled.runtime import Dist
 
 
 def as_input(images: torch.Tensor, device) -> torch.Tensor:
-    """A batch of stored images as the networks' float input on ``device``."""
+    """A batch of stored images (a tensor, or a few images of a streamed view) as the networks'
+    float input on ``device``."""
+    if not isinstance(images, torch.Tensor):
+        images = images.materialise()
     x = images.to(device)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
@@ -40,8 +45,12 @@ def predict(model, images: torch.Tensor, device, batch_size: int = 512, *, dist:
     start, stop = dist.rank * per, min(n, (dist.rank + 1) * per)
     embs, logits = [], []
     try:
-        for lo in range(start, stop, batch_size):
-            x = as_input(images[lo:min(lo + batch_size, stop)], device)
+        if isinstance(images, torch.Tensor):
+            chunks = (images[lo:min(lo + batch_size, stop)] for lo in range(start, stop, batch_size))
+        else:  # a streamed view: read in order through its worker processes
+            chunks = images.batches(batch_size, start, stop, pin=torch.device(device).type == "cuda")
+        for chunk in chunks:
+            x = as_input(chunk, device)
             real = len(x)
             if fixed_batch and real < batch_size:
                 x = torch.cat([x, x.new_zeros(batch_size - real, *x.shape[1:])])

@@ -107,8 +107,10 @@ def calibrate_batchnorm(network: Network, images: torch.Tensor, device, max_imag
 
 
 def augment_of(task: Task):
+    """The batch-level training augmentation of a task's data (none for image files streamed
+    from disk: their transforms run per item, in the workers)."""
     info = task.info
-    if not info.get("train_augment", True):
+    if not info.get("train_augment", True) or info.get("item_augment"):
         return None
     return Augment(info["pad"], info["flip"], **info.get("augment", {}))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,16 +28,17 @@ import torch
 
 from refilled.config import Config
 from refilled.data import (
-    DATASET_INFO,
     DATASET_NAMES,
+    FORMATS,
     Split,
     cap_per_class,
     class_order,
     class_window,
-    load_dataset,
+    load_images,
     select_classes,
     stratified_split,
 )
+from refilled.data.streaming import StreamedImages, StreamSettings
 from refilled.errors import ConfigError, UserError
 from refilled.evaluation import episode_accuracies, sample_episodes, split_accuracy
 from refilled.methods import method_spec
@@ -79,17 +81,20 @@ def shared_classes(student: Task, teacher: Task) -> tuple[torch.Tensor, torch.Te
 
 
 @functools.lru_cache(maxsize=4)
-def _load(name: str, root: str | None, split: str, image_size: int | None,
-          test_fraction: float = 0.2, test_seed: int = 0):
-    kwargs = {"image_size": image_size} if image_size and name in ("cub200", "image_folder") else {}
-    if name == "image_folder":
-        kwargs.update(test_fraction=test_fraction, test_seed=test_seed)
-    return load_dataset(name, root=root, split=split, **kwargs)
+def _load(name: str, root: str | None, split: str, image_size: int | None, test_fraction: float,
+          test_seed: int, in_memory, settings: StreamSettings, augment: bool, progress: bool):
+    data, note = load_images(name, root, split, in_memory=in_memory, settings=settings,
+                             image_size=image_size, test_fraction=test_fraction, test_seed=test_seed,
+                             augment=augment)
+    if progress and split == "train":
+        print(f"refilled: {name} data {note}", file=sys.stderr, flush=True)
+    return data
 
 
 def load_split(cfg: Config, split: str):
     d = cfg.data
-    return _load(d.name, d.root, split, d.image_size, d.test_fraction, d.test_split_seed)
+    return _load(d.name, d.root, split, d.image_size, d.test_fraction, d.test_split_seed, d.in_memory,
+                 StreamSettings.of(d), d.augment, cfg.progress)
 
 
 def total_classes(cfg: Config) -> int:
@@ -132,7 +137,9 @@ def window_task(cfg: Config, role: str) -> Task:
                 f"lower {key} (or data.val_per_class)"
             )
         train_idx = train_idx[cap_per_class(y[train_idx], cap, seed=d.split_seed)]
-    info = DATASET_INFO.get(d.name, DATASET_INFO["image_folder"])
+    info = dict(FORMATS[d.name].info)
+    if not isinstance(x, torch.Tensor):  # streamed image files: transformed per item, not per batch
+        info["item_augment"] = True
     return Task(
         train=Split(x[train_idx], y[train_idx]),
         val=Split(x[val_idx], y[val_idx]),
@@ -144,7 +151,9 @@ def window_task(cfg: Config, role: str) -> Task:
 
 
 def _cat(a: Split, b: Split, shift: int) -> Split:
-    return Split(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels + shift]))
+    images = (torch.cat([a.images, b.images]) if isinstance(a.images, torch.Tensor)
+              else StreamedImages.cat([a.images, b.images]))
+    return Split(images, torch.cat([a.labels, b.labels + shift]))
 
 
 def incremental_tasks(cfg: Config) -> Tasks:

@@ -116,6 +116,9 @@ def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]], extra: str = "")
     """sha256 over named tensors (name, dtype, shape and bytes, in the order given)."""
     h = hashlib.sha256(extra.encode())
     for key, t in tensors:
+        if not isinstance(t, torch.Tensor):  # a streamed view: its own fingerprint, no image read
+            h.update(f"{key}|{t.digest()}|".encode())
+            continue
         t = t.detach()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():

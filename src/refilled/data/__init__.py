@@ -3,15 +3,13 @@
 from refilled.data.common import ImageSet, Split
 from refilled.data.inputs import as_split, check_data
 from refilled.data.datasets import (
-    DATASET_INFO,
-    DATASET_NAMES,
     load_cifar100,
     load_cub200,
-    load_dataset,
     load_digits,
     load_fashion_mnist,
     load_image_folder,
 )
+from refilled.data.formats import DATASET_INFO, DATASET_NAMES, FORMATS, DatasetFormat, load_dataset, load_images
 from refilled.data.glyphs import GlyphSet, load_glyphs
 from refilled.data.loader import Augment, ClassBalancedSampler, TensorLoader, augment_batch, epoch_generator
 from refilled.data.splits import cap_per_class, class_order, class_window, select_classes, stratified_split
@@ -19,6 +17,9 @@ from refilled.data.splits import cap_per_class, class_order, class_window, selec
 __all__ = [
     "DATASET_INFO",
     "DATASET_NAMES",
+    "DatasetFormat",
+    "FORMATS",
+    "load_images",
     "ImageSet",
     "Split",
     "as_split",

@@ -38,11 +38,16 @@ class Split:
     """One split of one side's data: images (uint8 N x C x H x W, or a user's float tensor)
     and labels (int64 N, in 0..num_classes-1)."""
 
-    images: torch.Tensor
+    images: torch.Tensor  # or a lazy refilled.data.streaming.StreamedImages view
     labels: torch.Tensor
+    note: str = ""  # how the images are read (in memory or streamed) and why
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.images, torch.Tensor)
 
 
 def _check_split(split, allowed=SPLITS) -> str:

@@ -28,45 +28,15 @@ from refilled.files import atomic_torch_save
 
 __all__ = [
     "ImageSet",
-    "DATASET_INFO",
-    "DATASET_NAMES",
     "load_fashion_mnist",
     "load_digits",
     "load_cifar100",
     "load_cub200",
     "load_image_folder",
-    "load_dataset",
+    "list_cub200",
+    "list_image_folder",
 ]
 
-
-# Normalisation stats (of images scaled to [0, 1]) and augmentation defaults per dataset.
-DATASET_INFO: dict[str, dict] = {
-    "fashion_mnist": {"mean": (0.2860,), "std": (0.3530,), "flip": True, "pad": 2, "in_chans": 1},
-    "digits": {"mean": (0.3053,), "std": (0.3759,), "flip": False, "pad": 1, "in_chans": 1},
-    # Rendered font glyphs (refilled.data.glyphs): stats of the whole rendered set; no flip, but
-    # small affine distortions, stroke width and pixel noise (refilled.data.loader.augment_batch).
-    "glyphs": {"mean": (0.0887,), "std": (0.2604,), "flip": False, "pad": 2, "in_chans": 1,
-               "augment": {"degrees": 10.0, "scale": 0.1, "shear": 0.2, "thickness": 0.7, "noise": 0.05}},
-    "cifar100": {
-        "mean": (0.5071, 0.4865, 0.4409),
-        "std": (0.2673, 0.2564, 0.2762),
-        "flip": True,
-        "pad": 4,
-        "in_chans": 3,
-    },
-    # ImageNet statistics; pad 8 is for the default 84 x 84 size.
-    "cub200": {
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "flip": True,
-        "pad": 8,
-        "in_chans": 3,
-    },
-    # Generic defaults for a user's folder of RGB images (use in_chans 1 with grayscale=True).
-    "image_folder": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "flip": True, "pad": 4, "in_chans": 3},
-}
-
-DATASET_NAMES = ("fashion_mnist", "digits", "glyphs", "cifar100", "cub200", "image_folder")
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -312,37 +282,22 @@ def _load_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
 
 
-def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None) -> ImageSet:
-    """Official CUB_200_2011 layout, images resized to ``image_size`` and cached as a ``.pt`` file.
+_CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+_CUB_HOW = ("Download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/, "
+            "extract it and point data.root=... at the CUB_200_2011 folder or its parent.")
 
-    ``root`` may be the ``CUB_200_2011`` folder or its parent. The cache (default
-    ``<CUB_200_2011>/.refilled_cache/``) is keyed by the metadata files, the split and the size.
-    """
-    _check_split(split)
-    how = (
-        "Download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/, "
-        "extract it and point data.root=... at the CUB_200_2011 folder or its parent."
-    )
-    root = _need_root(root, "CUB-200-2011", how)
-    files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+
+def _cub_base(root) -> Path:
+    root = _need_root(root, "CUB-200-2011", _CUB_HOW)
     candidates = [root, root / "CUB_200_2011"]
-    base = next((c for c in candidates if all((c / f).is_file() for f in files)), None)
+    base = next((c for c in candidates if all((c / f).is_file() for f in _CUB_FILES)), None)
     if base is None:
-        looked = ", ".join(str(c / f) for c in candidates for f in files)
-        raise DatasetNotFoundError(f"CUB-200-2011 not found: looked for {looked}. {how}")
+        looked = ", ".join(str(c / f) for c in candidates for f in _CUB_FILES)
+        raise DatasetNotFoundError(f"CUB-200-2011 not found: looked for {looked}. {_CUB_HOW}")
+    return base
 
-    key = hashlib.sha1(f"{split}:{image_size}".encode())
-    for f in files:
-        key.update((base / f).read_bytes())
-    cache_dir = Path(cache_dir) if cache_dir is not None else base / ".refilled_cache"
-    cache = cache_dir / f"cub200_{split}_{image_size}px_{key.hexdigest()[:12]}.pt"
-    if cache.is_file():
-        try:
-            d = torch.load(cache, weights_only=True)
-            return ImageSet(d["images"], d["labels"], list(d["class_names"]), "cub200")
-        except Exception:  # unreadable cache: rebuild it below
-            pass
 
+def _cub_files(base: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
     paths = dict(_read_table(base / "images.txt"))
     try:
         class_of = {i: int(c) - 1 for i, c in _read_table(base / "image_class_labels.txt")}  # 1-based
@@ -353,10 +308,41 @@ def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None
     class_names = [name for _, name in classes]
     try:
         ids = [i for i in paths if is_train[i] == (split == "train")]
-        labels = torch.tensor([class_of[i] for i in ids], dtype=torch.int64)
+        labels = [class_of[i] for i in ids]
     except KeyError as e:
         raise DatasetNotFoundError(f"CUB metadata in {base} disagree: image id {e} missing") from e
-    images = np.stack([_load_image(base / "images" / paths[i], image_size) for i in ids]) if ids else (
+    return [base / "images" / paths[i] for i in ids], labels, class_names
+
+
+def list_cub200(root, split: str = "train") -> tuple[list[Path], list[int], list[str]]:
+    """The files, labels and class names of CUB-200-2011's ``split``, without reading any image."""
+    _check_split(split)
+    return _cub_files(_cub_base(root), split)
+
+
+def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None) -> ImageSet:
+    """Official CUB_200_2011 layout, images resized to ``image_size`` and cached as a ``.pt`` file.
+
+    ``root`` may be the ``CUB_200_2011`` folder or its parent. The cache (default
+    ``<CUB_200_2011>/.refilled_cache/``) is keyed by the metadata files, the split and the size.
+    """
+    _check_split(split)
+    base = _cub_base(root)
+    key = hashlib.sha1(f"{split}:{image_size}".encode())
+    for f in _CUB_FILES:
+        key.update((base / f).read_bytes())
+    cache_dir = Path(cache_dir) if cache_dir is not None else base / ".refilled_cache"
+    cache = cache_dir / f"cub200_{split}_{image_size}px_{key.hexdigest()[:12]}.pt"
+    if cache.is_file():
+        try:
+            d = torch.load(cache, weights_only=True)
+            return ImageSet(d["images"], d["labels"], list(d["class_names"]), "cub200")
+        except Exception:  # unreadable cache: rebuild it below
+            pass
+
+    files, labels, class_names = _cub_files(base, split)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    images = np.stack([_load_image(f, image_size) for f in files]) if files else (
         np.zeros((0, 3, image_size, image_size), np.uint8)
     )
     out = ImageSet(torch.from_numpy(images), labels, class_names, "cub200")
@@ -402,24 +388,10 @@ def _carve_test(files: list[Path], class_dir: Path, fraction: float, seed: int, 
     return [f for f, t in zip(files, is_test.tolist()) if t == (split == "test")]
 
 
-def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False,
-                      test_fraction: float = 0.2, test_seed: int = 0) -> ImageSet:
-    """Images in one sub-folder per class, in either of two layouts.
-
-    - ``root/{train,test}/<class>/<image>``: ``split`` ("train", the default, or "test") picks
-      the folder; the classes of both are merged so that the labels agree between splits.
-    - ``root/<class>/<image>`` (flat): the test split is carved from every class, stratified and
-      seeded: of a class's ``n`` images (file names sorted), ``round(test_fraction * n)``, at
-      least 1 and at most ``n - 1``, are drawn as test images by a generator seeded from
-      ``test_seed`` and the class folder's name; the rest are the training images. Every call
-      with the same files, fraction and seed gives the same split, so ``split="train"`` and
-      ``split="test"`` never share an image. A class folder with fewer than 2 images is an
-      error naming it. ``split=None`` gives every image (no test split carved).
-
-    Class names are the sorted folder names (hidden folders are skipped). Images are converted
-    to RGB (or grey with ``grayscale``) and resized to ``image_size`` x ``image_size``; a file
-    that cannot be read as an image is an error naming it.
-    """
+def list_image_folder(root, split=None, test_fraction: float = 0.2, test_seed: int = 0
+                      ) -> tuple[list[Path], list[int], list[str]]:
+    """The files, labels and class names of an image folder's ``split`` (see
+    :func:`load_image_folder`), without reading any image."""
     how = "Point data.root=... at a folder holding one sub-folder of images per class."
     root = _need_root(root, "image folder", how)
     if not root.is_dir():
@@ -439,45 +411,44 @@ def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = 
         class_names = _class_dirs(root)
     if not class_names:
         raise DatasetNotFoundError(f"image folder: no class folders found in {folder}. {how}")
-
-    arrays, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(class_names):
         cdir = folder / name
         if not cdir.is_dir():
             continue  # a class of the other split only
-        files = _image_files(cdir)
+        found = _image_files(cdir)
         if not has_splits and split is not None:
-            files = _carve_test(files, cdir, test_fraction, test_seed, split)
-        for p in files:
-            arrays.append(_load_image(p, image_size, grayscale))
-            labels.append(label)
-    if not arrays:
+            found = _carve_test(found, cdir, test_fraction, test_seed, split)
+        files += found
+        labels += [label] * len(found)
+    if not files:
         raise DatasetNotFoundError(f"image folder: no images found under {folder}. {how}")
+    return files, labels, class_names
+
+
+def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = False,
+                      test_fraction: float = 0.2, test_seed: int = 0) -> ImageSet:
+    """Images in one sub-folder per class, in either of two layouts.
+
+    - ``root/{train,test}/<class>/<image>``: ``split`` ("train", the default, or "test") picks
+      the folder; the classes of both are merged so that the labels agree between splits.
+    - ``root/<class>/<image>`` (flat): the test split is carved from every class, stratified and
+      seeded: of a class's ``n`` images (file names sorted), ``round(test_fraction * n)``, at
+      least 1 and at most ``n - 1``, are drawn as test images by a generator seeded from
+      ``test_seed`` and the class folder's name; the rest are the training images. Every call
+      with the same files, fraction and seed gives the same split, so ``split="train"`` and
+      ``split="test"`` never share an image. A class folder with fewer than 2 images is an
+      error naming it. ``split=None`` gives every image (no test split carved).
+
+    Class names are the sorted folder names (hidden folders are skipped). Images are converted
+    to RGB (or grey with ``grayscale``) and resized to ``image_size`` x ``image_size``; a file
+    that cannot be read as an image is an error naming it.
+    """
+    files, labels, class_names = list_image_folder(root, split, test_fraction, test_seed)
+    arrays = [_load_image(p, image_size, grayscale) for p in files]
     return ImageSet(
         torch.from_numpy(np.stack(arrays)),
         torch.tensor(labels, dtype=torch.int64),
         class_names,
         "image_folder",
     )
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-def load_dataset(name: str, root=None, split: str = "train", **kw) -> ImageSet:
-    """Load dataset ``name`` (one of :data:`DATASET_NAMES`); extra keywords go to its reader."""
-    if name == "fashion_mnist":
-        return load_fashion_mnist(root, split, **kw)
-    if name == "digits":  # bundled with scikit-learn: root is ignored
-        return load_digits(split, **kw)
-    if name == "glyphs":  # rendered from Debian's font packages; root is the cache folder
-        from refilled.data.glyphs import load_glyphs
-
-        return load_glyphs(root, split, **kw)
-    if name == "cifar100":
-        return load_cifar100(root, split, **kw)
-    if name == "cub200":
-        return load_cub200(root, split, **kw)
-    if name == "image_folder":
-        return load_image_folder(root, split, **kw)
-    raise ConfigError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")

@@ -3,7 +3,10 @@ anything trains.
 
 Accepted: an ``(images, labels)`` pair of tensors (images uint8 0-255 or float, N x C x H x W
 or N x H x W; labels N integers) or a map-style torch ``Dataset`` of ``(image, label)`` items
-(images as tensors C x H x W, NumPy arrays H x W x C or PIL images; read into memory once).
+(images as tensors C x H x W, NumPy arrays H x W x C or PIL images). A Dataset is read into
+memory once when its decoded images fit the memory budget and it has no per-item random
+transforms (``in_memory="auto"``); otherwise it is streamed, read at every use through worker
+processes (:mod:`refilled.data.streaming`); :func:`choose_path` says which and why.
 Labels are class indices 0..K-1 with every class present, unless ``num_classes`` allows
 empty classes on purpose. Every refusal is one :class:`~refilled.errors.DataError` line
 naming the argument, what was found and what is accepted.
@@ -11,16 +14,57 @@ naming the argument, what was found and what is accepted.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import os
 
 import numpy as np
 import torch
 
 from refilled.config import say
 from refilled.data.common import Split
+from refilled.data.streaming import (
+    StreamedImages,
+    StreamSettings,
+    has_random_transforms,
+    labels_of,
+    read_item,
+)
 from refilled.errors import DataError
 
-__all__ = ["as_split", "check_data"]
+__all__ = ["as_split", "check_data", "memory_budget", "MEMORY_FRACTION"]
+
+MEMORY_FRACTION = 0.25  # of the host's available memory (and of a GPU's free memory) for data
+
+
+def memory_budget(device=None) -> int:
+    """Bytes of decoded images the in-memory path may hold: a quarter of the host's available
+    memory, and of the GPU's free memory when the data lives there."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+    budget = MEMORY_FRACTION * available
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        budget = min(budget, MEMORY_FRACTION * torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(budget)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 ACCEPTED = ("an (images, labels) pair of tensors (images N x C x H x W, labels N class indices) "
             "or a torch Dataset of (image, label) items")
@@ -42,8 +86,12 @@ def _describe(obj) -> str:
     return f"a {kind}"
 
 
-def as_split(data, what: str = "train") -> Split:
-    """``data`` as a Split of checked images and labels (see the module docstring)."""
+def as_split(data, what: str = "train", *, in_memory="auto", settings: StreamSettings = StreamSettings(),
+             device=None) -> Split:
+    """``data`` as a Split of checked images and labels (see the module docstring); its
+    ``note`` says how it is read."""
+    if isinstance(data, Split) and data.streamed:
+        return Split(data.images, _label_tensor(data.labels, what), note=data.note)
     if isinstance(data, Split):
         images, labels = data.images, data.labels
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(x, torch.Tensor) for x in data):
@@ -58,7 +106,11 @@ def as_split(data, what: str = "train") -> Split:
         raise DataError(f"{_arg(what)} must be {ACCEPTED} (a map-style Dataset, with __len__ and "
                         f"__getitem__); got {_describe(data)}")
     else:
-        images, labels = _read_dataset(data, what)
+        return _dataset_split(data, what, in_memory, settings, device)
+    return _tensor_split(images, labels, what, note=data.note if isinstance(data, Split) else "in memory")
+
+
+def _tensor_split(images, labels, what: str, note: str = "") -> Split:
     labels = _label_tensor(labels, what)
     if images.dim() == 3:
         images = images.unsqueeze(1)
@@ -79,7 +131,78 @@ def as_split(data, what: str = "train") -> Split:
             raise DataError(f"{_arg(what)}: {int(bad.sum())} image(s) hold NaN or infinite values "
                             f"(the first is image {first}); clean them (e.g. torch.nan_to_num) or "
                             "drop them")
-    return Split(images, labels)
+    return Split(images, labels, note=note)
+
+
+def _dataset_split(dataset, what: str, in_memory, settings: StreamSettings, device) -> Split:
+    """A Dataset in memory (read once) or streamed (read at every use), chosen by
+    :func:`choose_path`."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError(f"{_arg(what)} is an empty Dataset")
+    stream, why = choose_path(dataset, what, in_memory, device)
+    if not stream:
+        images, labels = _read_dataset(dataset, what)
+        return _tensor_split(images, labels, what, note=f"in memory: {why}")
+    first, _ = read_item(dataset, 0, seed=0)
+    labels, how = labels_of(dataset, _arg(what))
+    labels = _label_tensor(labels, what)
+    if len(labels) != n:
+        raise DataError(f"{_arg(what)}: {n} items but {len(labels)} labels")
+    fingerprint = hashlib.sha256(f"{type(dataset).__module__}.{type(dataset).__qualname__}|{n}".encode())
+    fingerprint.update(labels.numpy().tobytes())
+    for i in sorted({0, n - 1}):
+        fingerprint.update(read_item(dataset, i, seed=0)[0].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    images = StreamedImages(dataset, item_shape=first.shape, dtype=first.dtype, settings=settings,
+                            fingerprint=fingerprint.hexdigest(), what=_arg(what))
+    workers = settings.resolved_workers()
+    return Split(images, labels, note=f"streamed: {why}; {workers} worker process"
+                                      f"{'es' if workers != 1 else ''}; labels from {how}")
+
+
+def _first_item(dataset, what: str) -> torch.Tensor:
+    """Item 0's image, checked as every item of an in-memory read is (one line otherwise)."""
+    try:
+        item = dataset[0]
+    except Exception as err:  # noqa: BLE001 - the user's Dataset failed on its first item
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{_arg(what)}: the Dataset fails on item 0 ({type(err).__name__}: "
+                        f"{first_line})") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        got = f"{len(item)} entries" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+        raise DataError(f"{_arg(what)}: a Dataset must give (image, label) pairs; item 0 is {got}")
+    _item_label(item[1], 0, what)
+    return _item_image(item[0], 0, what)
+
+
+def choose_path(dataset, what: str, in_memory="auto", device=None) -> tuple[bool, str]:
+    """(stream?, why): ``in_memory=True`` / ``False`` as asked; ``"auto"`` keeps a Dataset in
+    memory when its decoded images fit :func:`memory_budget` and reading an item twice gives
+    the same image (no per-item random transforms), and streams it otherwise."""
+    if in_memory not in ("auto", True, False):
+        raise DataError(f"{say('data.in_memory', 'in_memory=')} must be 'auto', true or false, got "
+                        f"{in_memory!r}")
+    first = _first_item(dataset, what)
+    try:
+        random_items = has_random_transforms(dataset)
+    except Exception as err:  # noqa: BLE001 - the user's Dataset failed on one of its first items
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{_arg(what)}: the Dataset fails on one of its first items "
+                        f"({type(err).__name__}: {first_line})") from None
+    if in_memory is False:
+        return True, "asked for (in_memory false)"
+    if in_memory is True:
+        why = "asked for (in_memory true)"
+        if random_items:
+            why += "; its per-item random transforms run once, when it is read"
+        return False, why
+    if random_items:
+        return True, "the Dataset has per-item random transforms, applied at every read"
+    size = len(dataset) * first.numel() * first.element_size()
+    budget = memory_budget(device)
+    if size > budget:
+        return True, f"its decoded images ({_size(size)}) exceed the memory budget ({_size(budget)})"
+    return False, f"{_size(size)} of decoded images, within the memory budget ({_size(budget)})"
 
 
 def _label_tensor(labels, what: str) -> torch.Tensor:
