@@ -26,6 +26,7 @@ from refilled.ncm import class_centers
 from refilled.networks import FrozenTeacher, Network
 from refilled.runtime import Dist, init_distributed
 from refilled.tasks import Split
+from refilled.tracking import tensorboard_log
 
 __all__ = ["distill", "History", "as_split", "SHORTCUTS"]
 
@@ -247,7 +248,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             device: str | torch.device = "auto", run_dir: str | Path | None = None,
             config: Config | None = None, num_classes: int | None = None,
             shared_classes: tuple[torch.Tensor, torch.Tensor] | None = None,
-            augment=None, **settings) -> nn.Module:
+            augment=None, tensorboard: str | Path | None = None, **settings) -> nn.Module:
     """Train ``student`` with the help of the frozen ``teacher``: REFILLED by default.
 
     Args:
@@ -270,6 +271,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
         shared_classes: ``(student ids, teacher ids)`` of the classes both know (for ``kd``).
         augment: ``None``, a mapping of :class:`refilled.data.Augment` arguments
             (``{"pad": 4, "flip": True}``) or a callable ``(batch, generator) -> batch``.
+        tensorboard: a folder for TensorBoard's per-epoch scalars (:mod:`refilled.tracking`);
+            with ``log={"tensorboard": True}`` (``log.tensorboard``) it is ``run_dir/tensorboard``.
         **settings: any other setting, by the config's names: top-level keys (``method``,
             ``seed``, ``ablation``, ``eval_every``, ``progress``), sections as mappings
             (``stage2={"lam": 3}``, ``speed={"amp": True}``) and the shortcuts ``lr``,
@@ -299,6 +302,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
     if spec.needs_teacher and teacher is None:
         raise UserError(f"method '{cfg.method}' needs a teacher; pass one (or method='ce')")
     dist, device = init_distributed(device)
+    log = tensorboard_log(tensorboard, cfg.log.tensorboard, run_dir) if dist.is_main else None
     student_net = wrap(student, cfg.student, "student", None)
     own = student_net.mean is not None
     teacher_net = None
@@ -310,8 +314,10 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
     try:
         _fit(cfg, spec, student_net, teacher_net, train, val, device=device, dist=dist,
              run_dir=Path(run_dir) if run_dir is not None else None, num_classes=num_classes,
-             shared_classes=shared_classes, augment=augment)
+             shared_classes=shared_classes, augment=augment, on_epoch=log)
     finally:
+        if log is not None:
+            log.close()
         if teacher_net is not None:
             teacher_net.train(teacher_was_training)
         for mine, given in ((student_net, student), (teacher_net, teacher)):
@@ -456,7 +462,7 @@ def rehearse(cfg: Config, spec: MethodSpec, student: Network, teacher: Network |
 
 def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | None, train: Split,
          val: Split | None, *, device, dist: Dist, run_dir: Path | None, num_classes: int,
-         shared_classes, augment) -> None:
+         shared_classes, augment, on_epoch=None) -> None:
     """Everything of :func:`distill` after the inputs are checked and wrapped."""
     from refilled.rundirs import prepare_run_dir
 
@@ -496,7 +502,7 @@ def _fit(cfg: Config, spec: MethodSpec, student: Network, teacher: Network | Non
             validate=lambda kind=stage.validate: validation(student, train, val, device, kind, dist),
             seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress and dist.is_main,
             earlier_rows=list(history), extra_state={"config": to_dict(cfg)}, dist=dist,
-            amp=cfg.speed.amp,
+            amp=cfg.speed.amp, on_epoch=on_epoch,
         )
         history.extend(rows)
         if stage.validate == "ncm":  # the embedding right after this stage, before a later one moves it

@@ -86,6 +86,7 @@ def train_stage(
     earlier_rows: list[dict] = (),
     dist: Dist = Dist(),
     amp: bool = False,
+    on_epoch: Callable[[dict, int], None] | None = None,
 ) -> list[dict]:
     """Train ``method`` for ``cfg.epochs`` epochs; resume from ``run_dir/<stage>.ckpt``.
 
@@ -101,6 +102,10 @@ def train_stage(
     logged losses are averaged over ranks, every rank validates (on its share of the split), and
     only rank 0 writes files.
     ``amp`` runs the step under bf16 autocast on CUDA (a no-op elsewhere).
+    ``on_epoch(row, step)`` (rank 0) gets every finished epoch's row before its checkpoint is
+    written, with ``step`` = the epoch's index across stages (``len(earlier_rows) + epoch``,
+    from 1): a logger that opens at the first step it is given after a resume overwrites
+    whatever an interrupted run logged from there on (e.g. TensorBoard's ``purge_step``).
     """
     ckpt_path = run_dir / f"{stage}.ckpt" if run_dir is not None else None
     optimizer = make_optimizer(method.parameters_to_train(), cfg)
@@ -178,6 +183,8 @@ def train_stage(
         if evaluated:
             row.update(validate())
         history.append(row)
+        if on_epoch is not None and dist.is_main:
+            on_epoch(row, len(earlier_rows) + epoch + 1)
         if not dist.is_main or run_dir is None:
             if progress and evaluated and dist.is_main:
                 _show(stage, epoch, cfg.epochs, row)

@@ -21,7 +21,7 @@ from refilled.files import atomic_write_text
 from refilled.methods import needs_teacher
 
 RUN_FILES = ("stage1.ckpt", "stage2.ckpt", "train.ckpt", "teacher_centers.pt", "metrics.csv",
-             "model.pt", "results.json")
+             "model.pt", "model.safetensors", "model.json", "results.json")
 
 
 def _digest(tree) -> str:
@@ -42,7 +42,7 @@ def _changed(tree: dict, default: dict) -> dict:
     return out
 
 
-_NOT_IN_DIGEST = ("out_dir", "name", "arm", "progress", "device", "eval_every")
+_NOT_IN_DIGEST = ("out_dir", "name", "arm", "progress", "device", "eval_every", "log")
 
 
 def config_digest(cfg: Config) -> str:
@@ -87,6 +87,7 @@ def teacher_config(cfg: Config) -> Config:
     base = Config(
         method="ce", seed=t.seed, device=cfg.device, out_dir=cfg.out_dir, progress=cfg.progress,
         eval_every=cfg.eval_every, data=data, train=t.optim, student=student, speed=cfg.speed,
+        log=cfg.log,
     )
     name = f"teacher-{cfg.data.name}-{_safe(t.arch)}-{config_digest(base)}-seed{t.seed}"
     return dataclasses.replace(base, name=name)
