@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_torch_save",
     "write_csv",
+    "tensors_digest",
     "safe_load",
     "safe_load_yaml",
     "parse_yaml",
@@ -105,6 +106,22 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, out.getvalue())
+
+
+def tensors_digest(state_dict) -> str:
+    """sha256 (hex) of a state dict: every entry's name, dtype, shape and bytes, in key order.
+    The same weights give the same digest on any device; any change of a value, a name or an
+    order gives another."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key, tensor in state_dict.items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ reading

@@ -45,7 +45,7 @@ from refilled.evaluation import (
     sample_episodes,
     split_accuracy,
 )
-from refilled.files import atomic_write_text
+from refilled.files import atomic_write_text, tensors_digest
 from refilled.methods import MethodSpec, method_spec
 from refilled.models.checkpoints import network_from_model_file, read_model_file, save_model
 from refilled.models.external import build_module, check_arch, load_weights
@@ -299,6 +299,10 @@ def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Net
             **teacher_info,
             "student_arch": cfg.student.arch if saves_model else None,
             "num_classes": task.num_classes,
+            "class_names": list(task.class_names),
+            "teacher_arch": cfg.teacher.arch if teacher is not None else None,
+            "teacher_digest": tensors_digest(teacher.module_state_dict()) if teacher is not None else None,
+            "teacher_class_names": list(tasks.teacher.class_names) if teacher is not None else None,
             "overlap": len(student_ids) if role == "student" else None,
             "train_images": len(task.train.labels),
             "empty_mining_batches": getattr(history, "empty_batches", 0),
