@@ -36,6 +36,7 @@ from refilled.networks import FrozenTeacher, Network
 from refilled.api import History, distill  # noqa: E402  (after the pieces it is built from)
 from refilled.config import Config, load_config, make_config  # noqa: E402
 from refilled.models import create_model, list_models  # noqa: E402
+from refilled.export import load_student  # noqa: E402
 
 __all__ = [
     "Config",
@@ -55,6 +56,7 @@ __all__ = [
     "kd_loss",
     "label_smoothing_ce",
     "list_models",
+    "load_student",
     "load_config",
     "local_centers",
     "local_classifier_loss",

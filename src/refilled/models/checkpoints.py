@@ -18,10 +18,12 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import torch.nn as nn
+
 from refilled.errors import UserError
 from refilled.files import atomic_torch_save, atomic_write_bytes, atomic_write_text, safe_load, tensors_digest
 from refilled.models.external import build_module
-from refilled.networks import Network
+from refilled.networks import Network, last_linear
 
 MODEL_KEYS = ("arch", "state_dict", "num_classes", "in_chans")
 WEIGHTS_FILE = "model.safetensors"
@@ -106,12 +108,33 @@ def read_model_file(path: str | Path, what: str = "teacher checkpoint", hint: st
     return ckpt, path
 
 
+def fit_classifier(module: nn.Module, head: str | None, state: Mapping) -> None:
+    """Give ``module``'s classifier (``head``, else its last ``nn.Linear``) the shape it has in
+    ``state`` when training replaced it (``reset_classifier``): a factory that takes no
+    ``num_classes`` builds its own number of outputs."""
+    if head is None:
+        found = last_linear(module)
+        head = found[0] if found is not None else None
+    try:
+        layer = module.get_submodule(head) if head is not None else None
+    except AttributeError:
+        return
+    weight = state.get(f"{head}.weight")
+    if not isinstance(layer, nn.Linear) or weight is None or weight.dim() != 2 or \
+            tuple(weight.shape) == tuple(layer.weight.shape):
+        return
+    new = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=f"{head}.bias" in state)
+    parent_name, _, leaf = head.rpartition(".")
+    setattr(module.get_submodule(parent_name) if parent_name else module, leaf, new)
+
+
 def network_from_model_file(ckpt: dict, path: Path, *, role: str, embedding=None, head=None,
                             mean=None, std=None, maps=None, default_stats=None) -> Network:
     """The network a model file describes, its weights loaded; ``embedding``/``head``/``mean``/
     ``std`` given here take precedence over the file's (then ``default_stats``)."""
     module = build_module(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"],
                           input_size=ckpt.get("input_size"), kwargs=ckpt.get("kwargs", {}), role=role)
+    fit_classifier(module, head if head is not None else ckpt.get("head"), ckpt["state_dict"])
     try:
         module.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as err:
