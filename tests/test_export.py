@@ -461,3 +461,31 @@ def test_a_resumed_run_continues_the_same_log(tmp_path, monkeypatch, when):
     else:
         assert raw == [3, 3, 4]  # step 3 twice on disk; TensorBoard's reader drops the first (purge_step)
     assert len(list((run_dir / "tensorboard").iterdir())) == 2  # one event file per session
+
+
+def test_the_card_shows_the_controls_run_beside_it(runs, tmp_path, capsys):
+    """Runs in the same folder with the same data, protocol and seed but another method, arm or
+    teacher are the controls; another seed or other data are not."""
+    _, _, grey = runs
+    folder = tmp_path / "sweep"
+    base = _results(grey)
+    variants = {"mine": dict(method="refilled", arm="REFILLED", teacher_init="trained", test_accuracy=0.5),
+                "alone": dict(arm="student alone", test_accuracy=0.25),
+                "random": dict(method="refilled", arm="REFILLED, random teacher", teacher_init="random",
+                               test_accuracy=0.375),
+                "seed1": dict(arm="student alone", seed=1, test_accuracy=0.125)}
+    for name, change in variants.items():
+        shutil.copytree(grey, folder / name)
+        (folder / name / "results.json").write_text(json.dumps({**base, **change}))
+    shutil.copytree(grey, folder / "other_data")
+    tree = yaml.safe_load((grey / "config.yaml").read_text())
+    tree["data"]["train_per_class"] = 11
+    (folder / "other_data" / "config.yaml").write_text(yaml.safe_dump(tree))
+    (folder / "other_data" / "results.json").write_text(json.dumps({**base, "arm": "x", "test_accuracy": 0.0625}))
+    assert run_cli(capsys, "export", folder / "mine", "--out", tmp_path / "export")[0] == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    controls = card.split("### Controls run beside it")[1].split("##")[0]
+    assert "| **REFILLED (this model)** | refilled | trained | 50.00 |" in controls
+    assert "| student alone | ce | — | 25.00 |" in controls
+    assert "| REFILLED, random teacher | refilled | random | 37.50 |" in controls
+    assert "12.50" not in controls and "6.25" not in controls
