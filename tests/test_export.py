@@ -146,7 +146,7 @@ def test_export_holds_the_student_alone_and_describes_it(runs, tmp_path, capsys)
     assert saved["classifier.weight"].shape == (4, 8)  # the replaced classifier, not the factory's 10
     config = json.loads((out / "config.json").read_text())
     r = _results(rgb)
-    assert config["arch"] == "net.py:make" and config["arch_source"].endswith("net.py:make")
+    assert config["arch"] == f"{runs[0] / 'net.py'}:make" and config["arch_file"] == "net.py"
     assert config["kwargs"] == {"width": 8} and config["num_classes"] == 4
     assert config["class_names"] == NAMES[2:6] and config["in_chans"] == 3 and config["input_size"] == 16
     assert config["mean"] == pytest.approx([0.5] * 3) and config["head_module"] == "classifier"

@@ -116,17 +116,22 @@ class Student(nn.Module):
         return _first_tensor(self.model(x))
 
 
-def _resolve_arch(arch: str, folders: Sequence[Path]) -> str:
-    """A ``file.py:factory`` arch with a relative path, looked for in ``folders`` first."""
+def _resolve_arch(arch: str, folders: Sequence[Path], copy: str | None = None) -> str:
+    """A ``file.py:factory`` arch: the export's own copy of the file (``copy``, in one of
+    ``folders``) first, then the path as written relative to ``folders``, then as it is."""
     if not is_import_path(arch):
         return arch
     module, _, attr = arch.rpartition(":")
-    if not module.endswith(".py") or Path(module).expanduser().is_absolute():
+    if not module.endswith(".py"):
         return arch
+    names = [copy] if copy else []
+    if not Path(module).expanduser().is_absolute():
+        names.append(module)
     for folder in folders:
-        candidate = Path(folder) / module
-        if candidate.is_file():
-            return f"{candidate.resolve()}:{attr}"
+        for name in names:
+            candidate = Path(folder) / name
+            if candidate.is_file():
+                return f"{candidate.resolve()}:{attr}"
     return arch
 
 
@@ -141,7 +146,8 @@ def build_student(meta: dict, state: dict, where: str, folders: Sequence[Path] =
         raise UserError(f"'{where}' does not describe a model (arch, num_classes and in_chans are "
                         "needed); export the run again") from None
     input_size = meta.get("input_size")
-    module = build_module(_resolve_arch(arch, folders), num_classes, in_chans, input_size=input_size,
+    module = build_module(_resolve_arch(arch, folders, meta.get("arch_file")), num_classes, in_chans,
+                          input_size=input_size,
                           kwargs=meta.get("kwargs") or {}, role="student")
     fit_classifier(module, meta.get("head_module") or meta.get("head"), state)
     try:
@@ -298,7 +304,7 @@ def _changed(tree: dict, default: dict) -> dict:
 
 
 # where a run was written and how it was displayed: not settings of the method
-_BOOKKEEPING = ("out_dir", "name", "progress", "device", "eval_every", "log")
+_BOOKKEEPING = ("out_dir", "name", "arm", "progress", "device", "eval_every", "log")
 
 
 def _settings(tree: dict) -> dict:
@@ -358,6 +364,7 @@ def _describe(run_dir: Path, results: dict, tree: dict, meta: dict, state: dict,
         "refilled_version": __version__,
         "arch": meta["arch"],
         "kwargs": meta.get("kwargs") or {},
+        "arch_file": meta.get("arch_file"),  # a copy of a file.py:factory's file, beside the weights
         "num_classes": int(meta["num_classes"]),
         "class_names": (meta.get("class_names") or results.get("class_names")
                         or [str(i) for i in range(int(meta["num_classes"]))]),  # unknown: indices
@@ -641,9 +648,12 @@ def _card(config: dict, results: dict, controls: list[dict]) -> str:
                   f"# images: float32 numpy, N x {chans} x {size} x {size} in [0, 1]",
                   "```", "", f"Checked against PyTorch on {p['images']} images: largest logit "
                   f"difference {p['max_abs_logit_diff']:.2g}, top-1 agreement {100 * p['top1_agreement']:.1f}%."]
-    if is_import_path(config["arch"]):
+    if config.get("arch_file"):
+        lines += ["", f"The architecture is the user's code `{config['arch']}`; the file travels "
+                  f"with the weights (`{config['arch_file']}`, which `load_student` uses)."]
+    elif is_import_path(config["arch"]):
         lines += ["", f"The architecture is the user's code `{config['arch']}`: it must be importable "
-                  "(a `.py` file is looked for in this folder first) to rebuild the model."]
+                  "to rebuild the model."]
     lines += ["", "## Intended use and limits", "",
               "A research artefact: a small classifier for exactly the classes above, from images "
               "like those it was trained on (same kind, size and channels; other images are resized "
@@ -679,20 +689,17 @@ def _check_out(out: Path) -> None:
                         "(or delete that one)")
 
 
-def _copy_arch_file(arch: str, run_dir: Path, tmp: Path) -> tuple[str, str | None]:
+def _copy_arch_file(arch: str, run_dir: Path, tmp: Path) -> str | None:
     """A ``file.py:factory`` architecture travels with the export: the file is copied beside
-    the weights and the arch names the copy. Returns (arch to record, original or None)."""
-    if not is_import_path(arch):
-        return arch, None
-    module, _, attr = arch.rpartition(":")
-    if not module.endswith(".py"):
-        return arch, None
+    the weights (:func:`load_student` uses the copy). Returns its name, or None."""
+    if not is_import_path(arch) or not arch.rpartition(":")[0].endswith(".py"):
+        return None
     found = _resolve_arch(arch, (Path.cwd(), *run_dir.resolve().parents))
-    source = Path(found.rpartition(":")[0])
+    source = Path(found.rpartition(":")[0]).expanduser()
     if not source.is_file():
-        return arch, None
+        return None
     shutil.copy2(source, tmp / source.name)
-    return f"{source.name}:{attr}", arch
+    return source.name
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, onnx: bool = False,
@@ -714,8 +721,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, onnx: bool = False,
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary one
-        arch, original = _copy_arch_file(meta["arch"], run_dir, tmp)
-        meta = {**meta, "arch": arch}
+        copy = _copy_arch_file(meta["arch"], run_dir, tmp)
+        if copy is not None:
+            meta = {**meta, "arch_file": copy}
         student = build_student(meta, state, str(run_dir), folders=(tmp,),
                                 digest=meta.get("weights_digest"))
         state = ordered(state, student.model)  # every key: the load above was strict
@@ -724,8 +732,6 @@ def export_run(run_dir: str | Path, out: str | Path, *, onnx: bool = False,
             found = last_linear(student.model)
             head_module = "head" if student.through_features else (found[0] if found else None)
         config = _describe(run_dir, results, tree, meta, state, head_module)
-        if original is not None:
-            config["arch_source"] = original
         write_weights(tmp / WEIGHTS_FILE, state, metadata={"refilled_format": EXPORT_FORMAT})
         if onnx:
             images, where = _parity_images(cfg, meta, parity_images)
