@@ -471,7 +471,8 @@ def write_onnx(student: Student, path: Path, example: torch.Tensor, metadata: di
     dims = model.graph.input[0].type.tensor_type.shape.dim
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
     return {"file": ONNX_FILE, "input": "images", "output": "logits", "opset": opset,
-            "dynamic_batch": bool(dims and dims[0].dim_param), "exporter": "dynamo" if dynamo else "torchscript"}
+            "dynamic_batch": bool(dims and dims[0].dim_param),
+            "exporter": "dynamo" if dynamo else "torchscript"}
 
 
 @torch.no_grad()
@@ -601,7 +602,8 @@ def _card(config: dict, results: dict, controls: list[dict]) -> str:
                   "disjoint": "none of the student's classes (cross-task)",
                   "overlapping": f"{t['shared_classes']} of the student's classes"}.get(
                       t["label_spaces"], "classes of unknown relation to the student's")
-        lines.append(f"Teacher: `{t['arch']}` ({'untrained: the random-teacher control' if t['init'] == 'random' else 'trained'}), "
+        kind = "untrained: the random-teacher control" if t["init"] == "random" else "trained"
+        lines.append(f"Teacher: `{t['arch']}` ({kind}), "
                      f"which knows {shared}; test accuracy on its own classes {_pct(t['test_accuracy'])}%; "
                      f"weights sha256 `{t['weights_digest']}`. The teacher is not part of this export.")
     else:
@@ -611,7 +613,8 @@ def _card(config: dict, results: dict, controls: list[dict]) -> str:
                                             for s in train["stages"]) + ".")
     if train["settings"]:
         lines += ["", "Settings that differ from refilled's defaults (all of them: `config.json`, "
-                  "`training.config`):", "", "```yaml", yaml.safe_dump(train["settings"], sort_keys=False).rstrip(), "```"]
+                  "`training.config`):", "", "```yaml",
+                  yaml.safe_dump(train["settings"], sort_keys=False).rstrip(), "```"]
     lines += ["", "## Results", "",
               "Accuracy (%) of this model, measured by refilled after training: the test split "
               "read once, the last epoch's model (nothing selected on it).", "",
@@ -619,7 +622,8 @@ def _card(config: dict, results: dict, controls: list[dict]) -> str:
               f"| test | {_pct(figs.get('test_accuracy'))} |",
               f"| validation (carved from training) | {_pct(figs.get('val_accuracy'))} |"]
     if figs.get("stage1_ncm_accuracy") is not None:
-        lines.append(f"| stage-1 NCM on the embedding: test / validation | {_pct(figs.get('stage1_ncm_accuracy'))} "
+        lines.append("| stage-1 NCM on the embedding: test / validation | "
+                     f"{_pct(figs.get('stage1_ncm_accuracy'))} "
                      f"/ {_pct(figs.get('stage1_ncm_val_accuracy'))} |")
     if figs.get("fewshot_eval") == "episodes":
         lines += ["", "The test figure is the mean over few-shot episodes of a nearest-class-mean "
@@ -647,7 +651,8 @@ def _card(config: dict, results: dict, controls: list[dict]) -> str:
                   'logits = session.run(None, {"images": images})[0]  '
                   f"# images: float32 numpy, N x {chans} x {size} x {size} in [0, 1]",
                   "```", "", f"Checked against PyTorch on {p['images']} images: largest logit "
-                  f"difference {p['max_abs_logit_diff']:.2g}, top-1 agreement {100 * p['top1_agreement']:.1f}%."]
+                  f"difference {p['max_abs_logit_diff']:.2g}, top-1 agreement "
+                  f"{100 * p['top1_agreement']:.1f}%."]
     if config.get("arch_file"):
         lines += ["", f"The architecture is the user's code `{config['arch']}`; the file travels "
                   f"with the weights (`{config['arch_file']}`, which `load_student` uses)."]
@@ -672,7 +677,7 @@ def _card(config: dict, results: dict, controls: list[dict]) -> str:
               "@inproceedings{ye2020distilling,",
               "  title     = {Distilling Cross-Task Knowledge via Relationship Matching},",
               "  author    = {Ye, Han-Jia and Lu, Su and Zhan, De-Chuan},",
-              "  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},",
+              "  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},",
               "  year      = {2020}",
               "}", "```", ""]
     return "\n".join(lines)
@@ -737,9 +742,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, onnx: bool = False,
             images, where = _parity_images(cfg, meta, parity_images)
             example = torch.rand(2, *images.shape[1:], generator=torch.Generator().manual_seed(0))
             info = write_onnx(student, tmp / ONNX_FILE, example,
-                              {"refilled.format": EXPORT_FORMAT, "refilled.version": config["refilled_version"],
+                              {"refilled.format": EXPORT_FORMAT,
+                               "refilled.version": config["refilled_version"],
                                "refilled.classes": config["class_names"],
-                               "refilled.input_size": config["input_size"], "refilled.in_chans": config["in_chans"],
+                               "refilled.input_size": config["input_size"],
+                               "refilled.in_chans": config["in_chans"],
                                "refilled.mean": config["mean"], "refilled.std": config["std"]})
             parity = onnx_parity(student, tmp / ONNX_FILE, images)
             parity["on"] = where
