@@ -48,6 +48,7 @@ from refilled.networks import FrozenTeacher, Network
 from refilled.distillation import History, Plan, distill, fit, prepare  # noqa: E402
 from refilled.config import Config, load_config, make_config  # noqa: E402
 from refilled.models import create_model, list_models  # noqa: E402
+from refilled.export import load_student  # noqa: E402
 
 __all__ = [
     "Config",
@@ -73,6 +74,7 @@ __all__ = [
     "kd_loss",
     "label_smoothing_ce",
     "list_models",
+    "load_student",
     "load_config",
     "local_centers",
     "local_classifier_loss",

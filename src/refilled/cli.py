@@ -1,4 +1,4 @@
-"""Command line: argv -> config -> run. Errors a user can fix print one line and exit 2.
+"""Command line: argv -> config -> run (or sweep, report, demo, export, predict). Errors a user can fix print one line and exit 2.
 
 Ctrl-C (SIGINT) and SIGTERM stop a command between two steps; the checkpoints already written
 stay, and running the same command again resumes (exit status 130 and 143).
@@ -76,6 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("runs_dir", help="folder holding run directories (searched recursively)")
     p.add_argument("--out", default=None, help="where to write report.md/.csv and plots (default runs_dir)")
     p.add_argument("--baseline", default="ce", help="arm that paired differences are taken against")
+    p = sub.add_parser("export", help="the student alone out of a finished run: safetensors, "
+                       "config.json, a model card (and ONNX)",
+                       description="Write the student of a finished run to a new folder: "
+                       "model.safetensors (its weights alone), config.json (how to rebuild it, its "
+                       "classes and input, its teacher, its training and figures), README.md (a "
+                       "model card) and, with --onnx, model.onnx checked against PyTorch.")
+    p.add_argument("run_dir", help="a finished run directory (it holds results.json)")
+    p.add_argument("--out", required=True, help="the export folder to create (new or empty)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (float images in [0, 1], N x C x H x W, any N; "
+                   "normalisation inside), refused unless ONNX Runtime agrees with PyTorch")
+    p = sub.add_parser("predict", help="classify image files with an exported student, a run "
+                       "directory or a model.onnx; CSV of the top-k classes")
+    p.add_argument("model", help="an export folder, a run directory or a model.onnx of `refilled export`")
+    p.add_argument("inputs", nargs="+", metavar="input", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image in the CSV (default 5)")
+    p.add_argument("--out", default=None, help="CSV file to write (default: print to stdout)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p = sub.add_parser("config", help="print the resolved config (defaults + YAML + overrides)")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
@@ -131,6 +149,10 @@ def _dispatch(args) -> int:
         from refilled.report import write_report
 
         print(write_report(args.runs_dir, out=args.out, baseline=args.baseline))
+    elif args.command == "export":
+        _export(args)
+    elif args.command == "predict":
+        _predict(args)
     elif args.command == "config":
         from refilled.config import dump_yaml, load_config
         from refilled.protocols import check_config
@@ -139,6 +161,40 @@ def _dispatch(args) -> int:
         check_config(cfg)  # the names too, as `refilled run` checks them
         print(dump_yaml(cfg), end="")
     return 0
+
+
+def _export(args) -> None:
+    from refilled.export import export_run
+
+    config = export_run(args.run_dir, args.out, onnx=args.onnx)
+    files = ["model.safetensors", "config.json", "README.md"] + (["model.onnx"] if args.onnx else [])
+    if config["onnx"]:
+        p = config["onnx"]["parity"]
+        print(f"ONNX parity on {p['on']}: max abs logit difference {p['max_abs_logit_diff']:.3g}, "
+              f"top-1 agreement {100 * p['top1_agreement']:.2f}%")
+    print(f"exported the student of '{args.run_dir}' to '{args.out}': {', '.join(files)}")
+
+
+def _predict(args) -> None:
+    import csv
+
+    from refilled.export import predict_images
+
+    result = predict_images(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                            out=args.out)
+    if args.out is None:
+        rows = result["rows"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(f"refilled: {len(result['rows'])} predictions written to '{args.out}'", file=sys.stderr)
+    if result["accuracy"] is not None:
+        print(f"refilled: top-1 accuracy {100 * result['accuracy']:.2f}% on the {result['labelled']} "
+              "images in folders named after a class", file=sys.stderr)
+    if result["skipped"]:
+        print(f"refilled: {len(result['skipped'])} file(s) skipped (not readable as images)",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,14 @@ class FewShotConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """What a run logs besides ``metrics.csv`` (always written). Not part of a run's identity:
+    turning it on for a resumed run is allowed."""
+
+    tensorboard: bool = False  # per-epoch scalars under <run dir>/tensorboard (needs tensorboard)
+
+
+@dataclass(frozen=True)
 class Config:
     protocol: str = "distill"  # distill (class windows) | incremental | fewshot (tasks.py)
     method: str = "refilled"  # ce (student alone) | refilled | refilled_stage1 | kd | rkd | ...
@@ -261,6 +269,7 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ------------------------------------------------------------------ the caller's words

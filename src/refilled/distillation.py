@@ -51,10 +51,11 @@ from refilled.ncm import class_centers
 from refilled.networks import FrozenTeacher, Network
 from refilled.runs import RunDir, module_digest, tensors_digest
 from refilled.runtime import Dist, init_distributed
+from refilled.tracking import tensorboard_log
 
 __all__ = ["History", "Plan", "distill", "fit", "prepare"]
 
-DISTILL_SECTIONS = ("train", "stage1", "stage2", "baselines", "speed")  # distill(**sections)
+DISTILL_SECTIONS = ("train", "stage1", "stage2", "baselines", "speed", "log")  # distill(**sections)
 
 
 class History(list):
@@ -138,6 +139,7 @@ class Plan:
     example: torch.Tensor
     user_student: nn.Module | None = None
     history: History | None = None
+    log: Any = None  # per-epoch logger (TensorBoard), called with (row, step)
     _borrowed: _Borrowed = field(default_factory=_Borrowed, repr=False)
     _owns_run: bool = False
     _rng: dict | None = field(default=None, repr=False)
@@ -163,6 +165,8 @@ class Plan:
         try:
             self._borrowed.give_back(failed)
         finally:
+            if self.log is not None:
+                self.log.close()
             if self._owns_run and self.run is not None:
                 self.run.close()
 
@@ -258,11 +262,14 @@ def _size_classifier(plan: Plan, student: Network) -> None:
 def prepare(teacher: nn.Module | None, student: nn.Module, train, *, config: Config, val=None,
             num_classes: int | None = None, shared_classes=None, run_dir: str | Path | None = None,
             run: RunDir | None = None, augment=None, dist: Dist | None = None,
-            device: torch.device | None = None, teacher_ready: bool = True) -> Plan:
+            device: torch.device | None = None, teacher_ready: bool = True,
+            tensorboard: str | Path | None = None) -> Plan:
     """Every check of a fit, without a step; see the module docstring. ``config`` is a
     :class:`~refilled.config.Config`; ``run_dir`` a folder to open (or ``run``, a
     :class:`~refilled.runs.RunDir` the caller opened and closes); ``teacher_ready=False`` leaves
-    the teacher's digest to :meth:`Plan.check_teacher` (a teacher trained after this call)."""
+    the teacher's digest to :meth:`Plan.check_teacher` (a teacher trained after this call);
+    ``tensorboard`` a folder for TensorBoard's per-epoch scalars (with ``log.tensorboard``:
+    the run directory's ``tensorboard/``)."""
     cfg = config
     spec = method_spec(cfg.method)
     if spec.needs_teacher and teacher is None:
@@ -321,6 +328,9 @@ def prepare(teacher: nn.Module | None, student: nn.Module, train, *, config: Con
             plan.run.check_inputs(_input_digests(plan))
             if teacher_ready:
                 plan.check_teacher()
+        if dist.is_main:  # the package is checked here, before anything trains
+            plan.log = tensorboard_log(tensorboard, cfg.log.tensorboard,
+                                       plan.run.path if plan.run is not None else None)
         rehearse(plan)
         plan._rng = rng_state()
         return plan
@@ -511,7 +521,7 @@ def _fit(plan: Plan) -> History:
                                                             kind, dist, plan.num_classes),
             seed=cfg.seed, eval_every=cfg.eval_every, progress=cfg.progress and dist.is_main,
             earlier_rows=list(history), extra_state={"config": to_dict(cfg)}, dist=dist,
-            amp=cfg.speed.amp, lr_key=lr_key,
+            amp=cfg.speed.amp, lr_key=lr_key, on_epoch=plan.log,
         )
         history.extend(rows)
         if stage.validate == "ncm":  # the embedding right after this stage, before a later one moves it
@@ -564,6 +574,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             amp: bool = False, compile: bool = False,
             eval_every: int = default("eval_every"),
             progress: bool = True,
+            tensorboard: str | Path | None = None,
             **sections) -> nn.Module:
     """Train ``student`` with the help of the frozen ``teacher`` (REFILLED by default) and
     return it, trained in place.
@@ -627,9 +638,14 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
         amp, compile: bf16 autocast and ``torch.compile`` on CUDA (no-ops on a CPU).
         eval_every: epochs between validations.
         progress: progress bars and per-epoch lines on stderr.
+        tensorboard: a folder for TensorBoard's per-epoch scalars (losses, learning rate,
+            validation accuracy, stage 1's NCM accuracy; needs the ``tensorboard`` package);
+            ``log={"tensorboard": True}`` puts them in ``run_dir/tensorboard``. A resumed call
+            continues the same log.
         **sections: any other setting by config section, as dicts: ``stage1={"tau": 4.0}``,
             ``stage2={"weighting": False}``, ``train={"schedule": "multistep"}``,
-            ``baselines={"kd_temperature": 4.0}``, ``speed={...}``; and ``ablation="..."``.
+            ``baselines={"kd_temperature": 4.0}``, ``speed={...}``, ``log={"tensorboard": True}``;
+            and ``ablation="..."``.
     """
     keywords = dict(method=method, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, lr=lr,
                     stage1_lr=stage1_lr, batch_size=batch_size, m_per_class=m_per_class, lam=lam,
@@ -652,7 +668,8 @@ def distill(teacher: nn.Module | None, student: nn.Module, train, *, val=None,
             settings["ablation"] = ablation
         cfg = make_config(settings=settings)
         plan = prepare(teacher, student, train, config=cfg, val=val, num_classes=num_classes,
-                       shared_classes=shared_classes, run_dir=run_dir, augment=augment)
+                       shared_classes=shared_classes, run_dir=run_dir, augment=augment,
+                       tensorboard=tensorboard)
         fit(plan)
     return student
 

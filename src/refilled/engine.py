@@ -88,6 +88,7 @@ def train_stage(
     dist: Dist = Dist(),
     amp: bool = False,
     lr_key: str = "train.lr",
+    on_epoch: Callable[[dict, int], None] | None = None,
 ) -> list[dict]:
     """Train ``method`` for ``cfg.epochs`` epochs; resume from the run directory's
     ``<stage>.ckpt``.
@@ -105,6 +106,10 @@ def train_stage(
     only rank 0 writes files.
     ``amp`` runs the step under bf16 autocast on CUDA (a no-op elsewhere). ``lr_key`` is the
     config key of this stage's learning rate (for the message when the loss diverges).
+    ``on_epoch(row, step)`` (rank 0) gets every finished epoch's row before its checkpoint is
+    written, with ``step`` = the epoch's index across stages (``len(earlier_rows) + epoch``,
+    from 1): a logger that opens at the first step it is given after a resume overwrites
+    whatever an interrupted run logged from there on (e.g. TensorBoard's ``purge_step``).
     """
     ckpt_path = run.checkpoint(stage) if run is not None else None
     optimizer = make_optimizer(method.parameters_to_train(), cfg)
@@ -184,6 +189,8 @@ def train_stage(
         if evaluated:
             row.update(validate())
         history.append(row)
+        if on_epoch is not None and dist.is_main:
+            on_epoch(row, len(earlier_rows) + epoch + 1)
         if not dist.is_main or run is None:
             if progress and evaluated and dist.is_main:
                 _show(stage, epoch, cfg.epochs, row)

@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_torch_save",
     "write_csv",
+    "tensors_digest",
     "safe_load",
     "safe_load_yaml",
     "parse_yaml",
@@ -105,6 +106,27 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, out.getvalue())
+
+
+def tensors_digest(tensors, extra: str = "") -> str:
+    """sha256 (hex) of named tensors — a state dict, or (name, tensor) pairs — in order: every
+    entry's name, dtype, shape and bytes (``extra`` first). The same values give the same digest
+    on any device; any change of a value, a name or an order gives another. A streamed view of
+    images (anything with a ``digest()``) enters by its own fingerprint, no image read."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(extra.encode())
+    items = tensors.items() if hasattr(tensors, "items") else tensors
+    for key, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            digest.update(f"{key}\0{tensor.digest()}\0".encode())
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ reading

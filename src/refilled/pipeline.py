@@ -224,7 +224,8 @@ def evaluate(cfg: Config, spec: MethodSpec, task: Task, student: Network, teache
     return out
 
 
-NO_TEACHER = {"teacher": None, "teacher_test_accuracy": None, "teacher_init": None}
+NO_TEACHER = {"teacher": None, "teacher_test_accuracy": None, "teacher_init": None, "teacher_arch": None,
+              "teacher_digest": None, "teacher_class_names": None}
 
 
 def finish(run: RunDir, cfg: Config, spec: MethodSpec, task: Task, student: Network, figures: dict,
@@ -347,7 +348,8 @@ def teacher_info(cfg: Config, teacher: Teacher, task: Task, device, dist: Dist) 
     net = teacher.network
     net.eval()
     info = {"teacher": teacher.source, "teacher_test_accuracy": None, "teacher_init": teacher.init,
-            "teacher_arch": cfg.teacher.arch, "teacher_digest": module_digest(net.module)}
+            "teacher_arch": cfg.teacher.arch, "teacher_digest": module_digest(net.module),
+            "teacher_class_names": list(task.class_names)}
     if net.has_logits and net.num_classes == task.num_classes:
         _, logits = predict(net, task.test.images, device, dist=dist)
         info["teacher_test_accuracy"] = (logits.argmax(1).cpu() == task.test.labels).double().mean().item()

@@ -17,16 +17,15 @@ import numbers
 import re
 import sys
 from pathlib import Path
-from typing import Iterable
-
 import torch
 
 from refilled.config import Config, ConfigError, dump_yaml, make_config, spell, python_caller, say, to_dict
 from refilled.errors import RunDirError, UserError
-from refilled.files import RunLock, atomic_write_text, read_json, safe_load_yaml, write_csv
+from refilled.files import RunLock, atomic_write_text, read_json, safe_load_yaml, tensors_digest, write_csv
 from refilled.methods import needs_teacher
 
-RUN_FILES = ("teacher_centers.pt", "metrics.csv", "model.pt", "results.json")  # and <stage>.ckpt
+RUN_FILES = ("teacher_centers.pt", "metrics.csv", "model.pt", "model.safetensors", "model.json",
+             "results.json")  # and <stage>.ckpt
 INPUTS = {  # what inputs.json records, and how a message names each
     "teacher": "the teacher's weights and buffers",
     "train": "the training data (images and labels)",
@@ -55,7 +54,7 @@ def _changed(tree: dict, default: dict) -> dict:
     return out
 
 
-_NOT_IN_DIGEST = ("out_dir", "name", "arm", "progress", "device", "eval_every")
+_NOT_IN_DIGEST = ("out_dir", "name", "arm", "progress", "device", "eval_every", "log")
 
 
 def config_digest(cfg: Config) -> str:
@@ -100,6 +99,7 @@ def teacher_config(cfg: Config) -> Config:
     base = Config(
         method="ce", seed=t.seed, device=cfg.device, out_dir=cfg.out_dir, progress=cfg.progress,
         eval_every=cfg.eval_every, data=data, train=t.optim, student=student, speed=cfg.speed,
+        log=cfg.log,
     )
     name = f"teacher-{cfg.data.name}-{_safe(t.arch)}-{config_digest(base)}-seed{t.seed}"
     return dataclasses.replace(base, name=name)
@@ -112,25 +112,11 @@ def run_dir_of(cfg: Config) -> Path:
 # ------------------------------------------------------------------ digests of the inputs
 
 
-def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]], extra: str = "") -> str:
-    """sha256 over named tensors (name, dtype, shape and bytes, in the order given)."""
-    h = hashlib.sha256(extra.encode())
-    for key, t in tensors:
-        if not isinstance(t, torch.Tensor):  # a streamed view: its own fingerprint, no image read
-            h.update(f"{key}|{t.digest()}|".encode())
-            continue
-        t = t.detach()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def module_digest(module: torch.nn.Module, architecture: bool = False) -> str:
     """The digest of a module's weights and buffers (and, with ``architecture``, of its class
     and structure as ``repr`` shows it)."""
     extra = f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}" if architecture else ""
-    return tensors_digest(module.state_dict().items(), extra)
+    return tensors_digest(module.state_dict(), extra)
 
 
 # ------------------------------------------------------------------ results
@@ -302,7 +288,8 @@ class RunDir:
         if differ:  # nothing trained from the old inputs: start afresh from these
             recorded = {k: v for k, v in recorded.items() if k not in differ}
             if self.rank == 0:
-                for derived in ("teacher_centers.pt", "metrics.csv", "model.pt", "results.json"):
+                for derived in ("teacher_centers.pt", "metrics.csv", "model.pt", "model.safetensors",
+                                "model.json", "results.json"):
                     (self.path / derived).unlink(missing_ok=True)
         merged = {**recorded, **digests}
         if merged != recorded and self.rank == 0:
