@@ -351,3 +351,28 @@ def test_torchrun_streams_a_folder_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(next((tmp_path / "runs").glob("image_folder-refilled-*/results.json")).read_text())
     assert 0 <= res["test_accuracy"] <= 1
+
+
+def test_predict_reads_a_streamed_large_image_run_exactly_as_its_evaluation(tmp_path, capsys):
+    """A run that streamed 64-px crops from disk is evaluated on centre crops: predict reproduces
+    its test accuracy from the image files."""
+    pytest.importorskip("safetensors")
+    from refilled.export import predict_images
+
+    for split, n in (("train", 6), ("test", 4)):
+        make_folder(tmp_path / "imgs" / split, classes=3, per_class=n, sizes=((90, 70), (72, 120)))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"name": "image_folder", "root": str(tmp_path / "imgs"), "teacher_classes": 3,
+                 "student_offset": 0, "val_per_class": 1, "image_size": 64, "in_memory": False,
+                 "workers": 0},
+        "method": "ce", "student": {"arch": "cnn_small"}, "progress": False,
+        "train": {"epochs": 2, "batch_size": 6, "lr": 0.05},
+        "device": "cpu", "out_dir": str(tmp_path / "runs"),
+    }))
+    code, res, err = run_cli(capsys, "run", config)
+    assert code == 0, err
+    meta = json.loads((Path(res["run_dir"]) / "model.json").read_text())
+    assert meta["eval_resize"] == "centre_crop"
+    got = predict_images(res["run_dir"], [tmp_path / "imgs" / "test"], progress=False)
+    assert got["labelled"] == 12 and got["accuracy"] == pytest.approx(res["test_accuracy"], abs=0)

@@ -40,7 +40,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -90,12 +89,13 @@ class Student(nn.Module):
     The input statistics are applied inside (``(x - mean) / std``, as in training); the logits
     are computed as refilled's evaluation computed them. ``classes`` are the class names in
     logit order, ``input_size`` the side of the square images it takes, ``in_chans`` their
-    channels.
+    channels, ``eval_resize`` how an image file is brought to that size (``"square"``: resized;
+    ``"centre_crop"``: shorter side to input_size / 0.875, then the centre crop).
     """
 
     def __init__(self, model: nn.Module, *, classes: Sequence[str], input_size: int, in_chans: int,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 through_features: bool = False):
+                 through_features: bool = False, eval_resize: str = "square"):
         super().__init__()
         self.model = model
         stats = [None, None]
@@ -107,6 +107,7 @@ class Student(nn.Module):
         self.classes = [str(c) for c in classes]
         self.input_size = int(input_size)
         self.in_chans = int(in_chans)
+        self.eval_resize = eval_resize  # how image files are resized for it (predict)
         self.through_features = through_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,8 @@ def build_student(meta: dict, state: dict, where: str, folders: Sequence[Path] =
         embedding is None and head is None and has_zoo_contract(module))
     classes = meta.get("class_names") or [str(i) for i in range(num_classes)]
     student = Student(module, classes=classes, input_size=int(input_size or 0), in_chans=in_chans,
-                      mean=meta.get("mean"), std=meta.get("std"), through_features=through)
+                      mean=meta.get("mean"), std=meta.get("std"), through_features=through,
+                      eval_resize=meta.get("eval_resize") or "square")
     return student.eval()
 
 
@@ -370,6 +372,7 @@ def _describe(run_dir: Path, results: dict, tree: dict, meta: dict, state: dict,
                         or [str(i) for i in range(int(meta["num_classes"]))]),  # unknown: indices
         "in_chans": int(meta["in_chans"]),
         "input_size": meta.get("input_size"),
+        "eval_resize": meta.get("eval_resize") or "square",
         "mean": meta.get("mean"),
         "std": meta.get("std"),
         "input": {"layout": "N x C x H x W", "dtype": "float32", "range": [0.0, 1.0],
@@ -746,6 +749,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, onnx: bool = False,
                                "refilled.version": config["refilled_version"],
                                "refilled.classes": config["class_names"],
                                "refilled.input_size": config["input_size"],
+                               "refilled.eval_resize": config["eval_resize"],
                                "refilled.in_chans": config["in_chans"],
                                "refilled.mean": config["mean"], "refilled.std": config["std"]})
             parity = onnx_parity(student, tmp / ONNX_FILE, images)
@@ -812,6 +816,7 @@ class _OnnxModel:
         self.classes = [str(c) for c in json.loads(props["refilled.classes"])]
         self.input_size = int(json.loads(props["refilled.input_size"]))
         self.in_chans = int(json.loads(props["refilled.in_chans"]))
+        self.eval_resize = props.get("refilled.eval_resize", "square")  # strings are stored as they are
         self.name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -831,6 +836,7 @@ def _model_for(path: str | Path):
         return student(x)
 
     run.classes, run.input_size, run.in_chans = student.classes, student.input_size, student.in_chans
+    run.eval_resize = student.eval_resize
     return run
 
 
@@ -841,7 +847,8 @@ def predict_images(model: str | Path, inputs: Sequence[str | Path], *, top_k: in
     ``model`` (an export folder, a run directory or a refilled ``model.onnx``).
 
     Images are read as the run's evaluation read its images: converted to grey or RGB (the
-    model's channels), resized to its input size (bilinear), scaled to [0, 1]. A file that
+    model's channels), resized to its input size (bilinear; or, for a run that streamed large
+    images from disk, the shorter side resized and the centre cropped), scaled to [0, 1]. A file that
     cannot be read is skipped with one line on stderr. Returns ``{"rows": [...], "skipped":
     [...], "accuracy": ..., "labelled": n}``; rows hold the file and the ``top_k`` classes with
     their probabilities; ``accuracy`` is the top-1 accuracy over the images whose folder is
@@ -850,7 +857,7 @@ def predict_images(model: str | Path, inputs: Sequence[str | Path], *, top_k: in
     """
     from tqdm.auto import tqdm
 
-    from refilled.data.datasets import _load_image  # the one reader of the run's images
+    from refilled.data.folders import read_eval_image  # the run's evaluation reader of image files
 
     if top_k < 1 or batch_size < 1:
         raise UserError(f"--top-k and --batch-size must be at least 1 (got {top_k} and {batch_size})")
@@ -873,15 +880,16 @@ def predict_images(model: str | Path, inputs: Sequence[str | Path], *, top_k: in
         batch, arrays = [], []
         for p in paths[start:start + batch_size]:
             try:
-                arrays.append(_load_image(p, net.input_size, grayscale=net.in_chans == 1))
+                arrays.append(read_eval_image(p, net.input_size, grayscale=net.in_chans == 1,
+                                              resize=net.eval_resize))
                 batch.append(p)
-            except UserError as err:
+            except OSError as err:
                 skipped.append(str(p))
                 tqdm.write(f"refilled: skipped: {err}", file=sys.stderr)
         bar.update(len(paths[start:start + batch_size]))
         if not batch:
             continue
-        images = torch.from_numpy(np.stack(arrays))
+        images = torch.stack(arrays)
         logits = net(images.float().div_(255.0))
         probs, top = logits.float().softmax(dim=1).topk(k, dim=1)
         for p, pr, idx in zip(batch, probs.tolist(), top.tolist()):

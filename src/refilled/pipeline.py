@@ -238,7 +238,8 @@ def finish(run: RunDir, cfg: Config, spec: MethodSpec, task: Task, student: Netw
         save_model(run.model_file, student, arch=section.arch, kwargs=section.kwargs,
                    num_classes=task.num_classes, in_chans=int(images.shape[1]),
                    input_size=int(images.shape[-1]), class_names=task.class_names,
-                   embedding=section.embedding, head=section.head)
+                   embedding=section.embedding, head=section.head,
+                   extra={"eval_resize": task.info.get("eval_resize", "square")})
     results = {
         "method": cfg.method,
         "arm": cfg.arm,

@@ -38,6 +38,7 @@ from refilled.data import (
     select_classes,
     stratified_split,
 )
+from refilled.data.folders import FileItems, resize_mode
 from refilled.data.streaming import StreamedImages, StreamSettings
 from refilled.errors import ConfigError, UserError
 from refilled.evaluation import episode_accuracies, sample_episodes, split_accuracy
@@ -137,9 +138,10 @@ def window_task(cfg: Config, role: str) -> Task:
                 f"lower {key} (or data.val_per_class)"
             )
         train_idx = train_idx[cap_per_class(y[train_idx], cap, seed=d.split_seed)]
-    info = dict(FORMATS[d.name].info)
-    if not isinstance(x, torch.Tensor):  # streamed image files: transformed per item, not per batch
-        info["item_augment"] = True
+    info = dict(FORMATS[d.name].info, eval_resize="square")
+    if isinstance(x, StreamedImages) and isinstance(x.eval_items, FileItems):
+        # streamed image files: transformed per item (not per batch), evaluated as their size asks
+        info.update(item_augment=True, eval_resize=resize_mode(x.eval_items.image_size))
     return Task(
         train=Split(x[train_idx], y[train_idx]),
         val=Split(x[val_idx], y[val_idx]),

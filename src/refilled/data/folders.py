@@ -96,6 +96,30 @@ def pad_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     return padded[:, top:top + h, left:left + w]
 
 
+def resize_mode(image_size: int) -> str:
+    """How evaluation resizes a file streamed at ``image_size``: ``"centre_crop"`` (large
+    images) or ``"square"`` (resized to image_size x image_size, as the in-memory path does)."""
+    return "centre_crop" if image_size >= LARGE else "square"
+
+
+def read_eval_image(path: Path, image_size: int, *, grayscale: bool = False, resize: str = "square"
+                    ) -> torch.Tensor:
+    """An image file as evaluation reads it (uint8 C x H x W): ``resize`` is ``"square"`` or
+    ``"centre_crop"`` (see :func:`resize_mode`). Raises OSError naming a file it cannot read."""
+    from PIL import Image
+
+    if resize not in ("square", "centre_crop"):
+        raise ValueError(f"resize must be 'square' or 'centre_crop', got {resize!r}")
+    try:
+        img = _open(path, grayscale)
+    except Exception as err:  # noqa: BLE001 - not an image, truncated, unreadable: one line
+        raise OSError(f"cannot read image {path} ({type(err).__name__}: {err}); delete or replace "
+                      "that file") from None
+    if resize == "centre_crop":
+        return _array(resize_centre_crop(img, image_size))
+    return _array(img.resize((image_size, image_size), Image.BILINEAR))
+
+
 class FileItems(torch.utils.data.Dataset):
     """``(image, label)`` from image files, decoded at every access (see the module docstring).
 
@@ -116,20 +140,20 @@ class FileItems(torch.utils.data.Dataset):
         from PIL import Image
 
         path = self.files[index]
+        size = self.image_size
+        if not self.train:
+            return read_eval_image(path, size, grayscale=self.grayscale, resize=resize_mode(size)), \
+                int(self.labels[index])
         try:
             img = _open(path, self.grayscale)
         except Exception as err:  # noqa: BLE001 - not an image, truncated, unreadable: one line
             raise OSError(f"cannot read image {path} ({type(err).__name__}: {err}); delete or replace "
                           "that file") from None
-        size = self.image_size
         if size >= LARGE:
-            img = random_resized_crop(img, size) if self.train else resize_centre_crop(img, size)
-            x = _array(img)
+            x = _array(random_resized_crop(img, size))
         else:
-            x = _array(img.resize((size, size), Image.BILINEAR))
-            if self.train:
-                x = pad_crop(x, self.pad)
-        if self.train and self.flip and bool(torch.rand(()) < 0.5):
+            x = pad_crop(_array(img.resize((size, size), Image.BILINEAR)), self.pad)
+        if self.flip and bool(torch.rand(()) < 0.5):
             x = x.flip(-1)
         return x, int(self.labels[index])
 
