@@ -57,6 +57,7 @@ from refilled.models.checkpoints import (
 )
 from refilled.models.external import build_module, is_import_path
 from refilled.networks import _first_tensor, has_zoo_contract, last_linear
+from refilled.runs import NOT_SETTINGS, RunDir, changed_keys
 
 __all__ = ["Student", "export_run", "load_student", "predict_images", "EXPORT_FORMAT"]
 
@@ -247,7 +248,7 @@ def _read_run(run_dir: Path) -> tuple[dict, dict, Config | None]:
                             "`refilled run` command again to finish it, then export")
         raise UserError(f"'{run_dir}' is not a refilled run directory (no config.yaml or "
                         "results.json); give the folder of a finished `refilled run`")
-    results = read_json(run_dir / "results.json", what="results file")
+    results = RunDir(run_dir).finished(needs_model=False)
     tree = {}
     if (run_dir / "config.yaml").is_file():
         tree = safe_load_yaml(run_dir / "config.yaml", what="run config")
@@ -291,28 +292,10 @@ def _label_spaces(results: dict, tree: dict) -> tuple[str, int | None]:
     return "overlapping", overlap
 
 
-def _changed(tree: dict, default: dict) -> dict:
-    """The entries of a config tree that differ from the defaults, recursively."""
-    out = {}
-    for key, value in tree.items():
-        base = default.get(key) if isinstance(default, dict) else None
-        if isinstance(value, dict) and isinstance(base, dict) and key != "kwargs":
-            sub = _changed(value, base)
-            if sub:
-                out[key] = sub
-        elif value != base:
-            out[key] = value
-    return out
-
-
-# where a run was written and how it was displayed: not settings of the method
-_BOOKKEEPING = ("out_dir", "name", "arm", "progress", "device", "eval_every", "log")
-
-
 def _settings(tree: dict) -> dict:
     """What the run set beyond refilled's defaults (its data location left out)."""
-    changed = _changed(tree, to_dict(Config()))
-    for key in _BOOKKEEPING:
+    changed = changed_keys(tree, to_dict(Config()))
+    for key in NOT_SETTINGS:
         changed.pop(key, None)
     if isinstance(changed.get("data"), dict):
         changed["data"].pop("root", None)

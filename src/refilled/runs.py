@@ -40,13 +40,13 @@ def _digest(tree) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _changed(tree: dict, default: dict) -> dict:
+def changed_keys(tree: dict, default: dict) -> dict:
     """The entries of ``tree`` that differ from ``default``, recursively."""
     out = {}
     for key, value in tree.items():
         base = default.get(key)
         if isinstance(value, dict) and isinstance(base, dict) and key != "kwargs":
-            sub = _changed(value, base)
+            sub = changed_keys(value, base)
             if sub:
                 out[key] = sub
         elif value != base:
@@ -54,7 +54,8 @@ def _changed(tree: dict, default: dict) -> dict:
     return out
 
 
-_NOT_IN_DIGEST = ("out_dir", "name", "arm", "progress", "device", "eval_every", "log")
+# Where a run is written and how it is displayed: not what defines its result.
+NOT_SETTINGS = ("out_dir", "name", "arm", "progress", "device", "eval_every", "log")
 
 
 def config_digest(cfg: Config) -> str:
@@ -63,8 +64,8 @@ def config_digest(cfg: Config) -> str:
     Only the values that differ from the defaults enter it, so a new config key with a default
     never renames (and so never retrains) existing runs.
     """
-    tree = _changed(to_dict(cfg), to_dict(Config()))
-    for key in _NOT_IN_DIGEST:
+    tree = changed_keys(to_dict(cfg), to_dict(Config()))
+    for key in NOT_SETTINGS:
         tree.pop(key, None)
     if not needs_teacher(cfg.method):
         tree.pop("teacher", None)  # e.g. the student alone is the same run whatever the teacher
@@ -343,8 +344,8 @@ def _differences(saved: Config, cfg: Config, most: int = 3) -> str:
             else:
                 yield f"{prefix}{key}", value
 
-    changed = _changed(to_dict(saved), to_dict(cfg))
-    for key in (*_NOT_IN_DIGEST, *(() if needs_teacher(cfg.method) else ("teacher",))):
+    changed = changed_keys(to_dict(saved), to_dict(cfg))
+    for key in (*NOT_SETTINGS, *(() if needs_teacher(cfg.method) else ("teacher",))):
         changed.pop(key, None)
     mine = dict(flat(to_dict(cfg)))
     sep = "" if python_caller() else ": "
