@@ -503,6 +503,8 @@ def _parity_images(cfg: Config | None, meta: dict, count: int) -> tuple[torch.Te
             task = PROTOCOLS[cfg.protocol].tasks(cfg).student
             split, which = (task.val, "validation") if len(task.val) else (task.train, "training")
             images = split.images[:count]
+            if not isinstance(images, torch.Tensor):  # streamed from disk: read as evaluation reads
+                images = images.materialise()
             x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
             return x, f"{len(x)} images of the run's {which} split"
         except (UserError, OSError) as err:  # the data moved or is gone: still checked, on noise
