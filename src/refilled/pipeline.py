@@ -271,6 +271,11 @@ def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Net
         seed_everything(cfg.seed)
         student = build_network(cfg.student, "student", task, task.num_classes, device)
         student_ids, teacher_ids = shared_classes(task, tasks.teacher)
+        overlap = len(student_ids)
+        if teacher is not None and teacher.num_classes != tasks.teacher.num_classes:
+            # An external teacher whose outputs are not its class window: no output is known to
+            # be a shared class (kd is refused before this; REFILLED's shared-class KD is off).
+            student_ids = teacher_ids = torch.zeros(0, dtype=torch.long)
         if spec.schedules(cfg) or saves_model:
             distill(teacher, student, task.train, val=task.val, config=cfg, run_dir=run_dir,
                     device=device, num_classes=task.num_classes,
@@ -299,7 +304,7 @@ def train_and_evaluate(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Net
             **teacher_info,
             "student_arch": cfg.student.arch if saves_model else None,
             "num_classes": task.num_classes,
-            "overlap": len(student_ids) if role == "student" else None,
+            "overlap": overlap if role == "student" else None,
             "train_images": len(task.train.labels),
             "empty_mining_batches": getattr(history, "empty_batches", 0),
             **getattr(history, "notes", {}),
@@ -338,6 +343,8 @@ def rehearse_run(cfg: Config, spec: MethodSpec, tasks: Tasks, device, dist: Dist
                     f"its data.teacher_classes={tasks.teacher.num_classes} classes, but the teacher "
                     f"has {teacher.num_classes} outputs (teacher.kwargs); use refilled, rkd, pkt, sp, "
                     "at or fitnet, which need no shared label space")
+        if teacher is not None and teacher.num_classes != tasks.teacher.num_classes:
+            ids = (torch.zeros(0, dtype=torch.long),) * 2  # as in train_and_evaluate
         rehearse(cfg, spec, student, teacher, tasks.student.train, device=device, dist=dist,
                  num_classes=tasks.student.num_classes, shared_classes=ids,
                  augment=_augment(tasks.student))
