@@ -39,6 +39,7 @@ from refilled.losses import (
     relation_matching_loss,
     relation_matching_terms,
     rkd_loss,
+    shared_kd_loss,
     sp_loss,
     teacher_instance_weights,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "relation_matching_terms",
     "rkd_loss",
     "semihard_tuples",
+    "shared_kd_loss",
     "sp_loss",
     "teacher_instance_weights",
 ]

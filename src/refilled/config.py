@@ -126,6 +126,10 @@ class Stage1Config:
     mode: str = "tuple"  # tuple | triplet
     scale: float = 1000.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=10))
+    # method=refilled: None keeps the epochs as given; a fraction f in (0, 1) splits the total
+    # budget (stage1.optim.epochs + train.epochs) instead: stage 1 gets round(f * total) epochs,
+    # stage 2 the rest (issue 23's hand-off candidate "a longer stage 1 at equal budget").
+    budget_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,19 +151,43 @@ class Stage2Config:
     # classifier starts; "none" is the papers' plain fresh classifier.
     handoff: str = "rescale"
     embed_norm: float | None = None
+    # Where the student's classes overlap the teacher's (the class windows, or shared_classes= in
+    # Python): Hinton KD on the shared classes only (losses.shared_kd_loss), beside the local
+    # classifier: the teacher's own logits for those classes, renormalised over them at
+    # shared_kd_temperature, against the student's logits for the same classes, times T^2, with
+    # weight shared_kd. Nothing is computed (results bit-identical) when the weight is 0, when no
+    # class is shared, or when the teacher gives no logits (a feature extractor).
+    shared_kd: float = 0.0
+    shared_kd_temperature: float = 4.0
+    # How stage 2's fresh classifier starts: "random" (nn.Linear's initialisation) or "imprint"
+    # (weight imprinting: row k = the normalised class centre of the student's own embedding of
+    # the training images after the rescale, times imprint_scale / its mean norm, bias 0; it
+    # predicts what the stage-1 NCM classifier predicts, with logits imprint_scale x cosine).
+    head_init: str = "random"
+    imprint_scale: float = 10.0
+    # Stage 1's relationship-matching loss kept during stage 2 (on stage 2's batches), with
+    # weight relation_weight at its first epoch decaying to 0 over stage 2 (cosine or linear).
+    relation_weight: float = 0.0
+    relation_decay: str = "cosine"
 
+
+# What the papers do not have (issue 23), switched off in each paper's preset: no shared-class
+# logits, a randomly initialised stage-2 classifier, no stage-1 loss in stage 2, the epochs as given.
+PAPERS: dict[str, Any] = {"stage2.shared_kd": 0.0, "stage2.head_init": "random",
+                          "stage2.relation_weight": 0.0, "stage1.budget_share": None}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tpami": {"stage2.tau_teacher": 1.0, "stage2.tau_student": 1.0, "stage2.lam": 1.0,
               "stage2.lam_decay": 0.0, "stage2.weighting": True, "stage2.centers": "global",
-              "stage2.reduction": "batch", "stage2.handoff": "none"},
+              "stage2.reduction": "batch", "stage2.handoff": "none", **PAPERS},
     "cvpr_recon": {"stage2.tau_teacher": 2.0, "stage2.tau_student": 2.0, "stage2.lam": 100.0,
                    "stage2.lam_decay": 0.0, "stage2.weighting": False, "stage2.centers": "global",
-                   "stage2.reduction": "batch", "stage2.handoff": "none"},
+                   "stage2.reduction": "batch", "stage2.handoff": "none", **PAPERS},
     # The CVPR code's KL is nn.KLDivLoss()'s element mean (B x |C_B|): lambda acts per class.
     "cvpr": {"stage2.tau_teacher": 2.0, "stage2.tau_student": 2.0, "stage2.lam": 1000.0,
              "stage2.lam_decay": 0.05, "stage2.weighting": False, "stage2.centers": "local",
-             "stage2.reduction": "element", "stage2.handoff": "none", "stage1.mode": "triplet"},
+             "stage2.reduction": "element", "stage2.handoff": "none", "stage1.mode": "triplet",
+             **PAPERS},
 }
 
 
@@ -171,6 +199,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "triplet": {"method": "refilled", "stage1.mode": "triplet"},
     "local_centers": {"method": "refilled", "stage2.centers": "local"},
     "no_weighting": {"method": "refilled", "stage2.weighting": False},
+    # Issue 23's pieces, each removed from the default: REFILLED without the shared-class KD term.
+    "no_shared_kd": {"method": "refilled", "stage2.shared_kd": 0.0},
     # Control: the same pipeline with an untrained teacher (BN statistics calibrated).
     "random_teacher": {"method": "refilled", "teacher.init": "random"},
     **{name: {"method": "refilled", "stage2.preset": name, **PRESETS[name]}
@@ -653,6 +683,12 @@ def validate(cfg: Config) -> None:
     _choice("stage2.centers", cfg.stage2.centers, ("global", "local"))
     _choice("stage2.reduction", cfg.stage2.reduction, ("batch", "element"))
     _choice("stage2.handoff", cfg.stage2.handoff, ("rescale", "none"))
+    _choice("stage2.head_init", cfg.stage2.head_init, ("random", "imprint"))
+    _choice("stage2.relation_decay", cfg.stage2.relation_decay, ("cosine", "linear"))
+    share = cfg.stage1.budget_share
+    if share is not None and not 0 < share < 1:
+        raise ConfigError(f"{subject('stage1.budget_share')} is stage 1's fraction of the total "
+                          f"epochs and must be in (0, 1) (or null: the epochs as given), got {share}")
     if cfg.stage2.embed_norm is not None and not cfg.stage2.embed_norm > 0:
         raise ConfigError(f"{subject('stage2.embed_norm')} must be > 0 (or null: sqrt of the "
                           f"embedding size), got {cfg.stage2.embed_norm}")
@@ -666,14 +702,17 @@ def validate(cfg: Config) -> None:
     if cfg.data.workers is not None:
         _positive("data.workers", cfg.data.workers, allow_zero=True)
     _positive("data.prefetch", cfg.data.prefetch)
-    for key in ("stage1.tau", "stage2.tau_teacher", "stage2.tau_student"):
+    for key in ("stage1.tau", "stage2.tau_teacher", "stage2.tau_student", "stage2.shared_kd_temperature"):
         value = _get(cfg, key)
         if not value > 0:
             raise ConfigError(f"{subject(key)} is a temperature and must be > 0, got {value}")
-    for key in ("stage1.margin", "stage1.scale", "stage2.lam", "stage2.lam_decay"):
+    for key in ("stage1.margin", "stage1.scale", "stage2.lam", "stage2.lam_decay", "stage2.shared_kd",
+                "stage2.relation_weight"):
         value = _get(cfg, key)
         if value < 0:
             raise ConfigError(f"{subject(key)} is a weight and must be >= 0, got {value}")
+    if not cfg.stage2.imprint_scale > 0:
+        raise ConfigError(f"{subject('stage2.imprint_scale')} must be > 0, got {cfg.stage2.imprint_scale}")
     _positive("eval_every", cfg.eval_every)
     _positive("data.teacher_classes", cfg.data.teacher_classes)
     _positive("data.student_offset", cfg.data.student_offset, allow_zero=True)

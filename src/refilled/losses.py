@@ -706,6 +706,62 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 
+def check_shared_ids(student_ids: Tensor, teacher_ids: Tensor, num_student: int | None = None,
+                     num_teacher: int | None = None, fn: str = "check_shared_ids") -> None:
+    """Refuse a class map that cannot be right: ids must be 1-D integer tensors of one length
+    (at least one class), ``student_ids[k]`` and ``teacher_ids[k]`` naming the same class, each
+    side without repeats and inside its logits (when the sizes are given). Reads the ids on the
+    host: call it once, not on every step."""
+    for name, ids in (("student_ids", student_ids), ("teacher_ids", teacher_ids)):
+        checks.is_tensor(fn, name, ids)
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            checks.fail(fn, f"{name} must be a 1-D tensor of class indices, got shape "
+                            f"{tuple(ids.shape)} and dtype {ids.dtype}")
+    if student_ids.numel() != teacher_ids.numel() or student_ids.numel() == 0:
+        checks.fail(fn, f"student_ids and teacher_ids must pair at least one class, got "
+                        f"{student_ids.numel()} and {teacher_ids.numel()} ids")
+    for name, ids, size in (("student", student_ids, num_student), ("teacher", teacher_ids, num_teacher)):
+        ids = ids.cpu()
+        if int(ids.min()) < 0 or (size is not None and int(ids.max()) >= size):
+            bound = f"[0, {size})" if size is not None else ">= 0"
+            checks.fail(fn, f"{name} class ids must be in {bound} (the {name}'s logits), got "
+                            f"{int(ids.min())}..{int(ids.max())}")
+        if ids.unique().numel() != ids.numel():
+            checks.fail(fn, f"{name} class ids repeat a class: {ids.tolist()}")
+
+
+def shared_kd_loss(student_logits: Tensor, teacher_logits: Tensor, student_ids: Tensor,
+                   teacher_ids: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton KD on the classes the student and the teacher share (REFILLED's stage 2 where the
+    label spaces overlap).
+
+    Column ``student_ids[k]`` of the student's (B, C_S) logits and column ``teacher_ids[k]`` of
+    the teacher's (B, C_T) logits are the same class. Both sides keep only those K columns and
+    are renormalised over them (softmax over the shared classes at ``temperature``):
+    ``T^2 * (1/B) * sum_i KL(softmax(t_i[teacher_ids] / T) || softmax(s_i[student_ids] / T))``,
+    i.e. :func:`kd_loss` on the aligned columns. The teacher's logits are a constant target
+    (detached). The ids are checked against the logits' widths (:func:`check_shared_ids`), so
+    the training loop calls the unchecked form once they were checked.
+    """
+    fn = "shared_kd_loss"
+    checks.number(fn, "temperature", temperature, positive=True)
+    checks.features(fn, "student_logits", student_logits, what="(batch, classes)")
+    checks.features(fn, "teacher_logits", teacher_logits, rows=student_logits.shape[0],
+                    what="(batch, classes)")
+    checks.same_device(fn, student_logits=student_logits, teacher_logits=teacher_logits,
+                       student_ids=student_ids, teacher_ids=teacher_ids)
+    if checks.values_checked():
+        check_shared_ids(student_ids, teacher_ids, student_logits.shape[1], teacher_logits.shape[1], fn=fn)
+    return _shared_kd_loss(student_logits, teacher_logits, student_ids, teacher_ids, temperature)
+
+
+def _shared_kd_loss(student_logits, teacher_logits, student_ids, teacher_ids, temperature=4.0):
+    """:func:`shared_kd_loss` without the argument checks (the training loop's form)."""
+    log_s = F.log_softmax(student_logits.index_select(1, student_ids) / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits.detach().index_select(1, teacher_ids) / temperature, dim=1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+
+
 # -------------------------------------------------------------------------------------- RKD
 
 

@@ -163,18 +163,24 @@ def make_teacher(cfg: Config, tasks: Tasks, device, dist: Dist) -> Teacher:
     return Teacher(net, str(run.path), t.init, cfg=tcfg, run=run)
 
 
-def check_class_map(spec: MethodSpec, teacher: Network, tasks: Tasks, device) -> None:
-    """A method that reads the teacher's logits of the shared classes needs a teacher whose
-    outputs are its class window (not, e.g., an external teacher of another label space)."""
-    if not spec.shared_classes:
-        return
-    teacher.probe(as_input(tasks.teacher.train.images[:4], device))
-    if teacher.num_classes != tasks.teacher.num_classes:
+def class_map(spec: MethodSpec, teacher: Network | None, tasks: Tasks, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student ids, teacher ids) of the classes both windows hold, as indices of the student's
+    labels and of the teacher's outputs. A teacher whose outputs are not its class window (e.g.
+    an external teacher of another label space) gives no map: a method that needs it (``kd``)
+    is refused, and the others (REFILLED's shared-class term) get none."""
+    ids = shared_classes(tasks.student, tasks.teacher)
+    if teacher is None or not len(ids[0]):
+        return ids
+    teacher.probe(as_input(tasks.teacher.train.images[:4], device))  # once: prepare reuses it
+    if teacher.num_classes == tasks.teacher.num_classes:
+        return ids
+    if spec.shared_classes:
         raise ConfigError(
             f"method '{spec.name}' maps the student's classes onto the teacher's outputs for "
             f"its data.teacher_classes={tasks.teacher.num_classes} classes, but the teacher "
             f"has {teacher.num_classes} outputs (teacher.kwargs); use refilled, rkd, pkt, sp, "
             "at or fitnet, which need no shared label space")
+    return (torch.zeros(0, dtype=torch.long),) * 2
 
 
 def train_teacher(teacher: Teacher, task: Task, device, dist: Dist) -> None:
@@ -316,15 +322,15 @@ def _train_and_test(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Teache
                     run_dir: RunDir, device, dist: Dist) -> dict:
     tic = time.perf_counter()
     task = tasks.student
+    overlap = len(shared_classes(task, tasks.teacher)[0])
+    student_ids, teacher_ids = class_map(spec, teacher.network if teacher is not None else None, tasks, device)
     if teacher is not None:
-        check_class_map(spec, teacher.network, tasks, device)
         if not teacher.ready:  # its fit is prepared first: its checks come before any step
             teacher.plan = prepare(None, teacher.network, tasks.teacher.train, val=tasks.teacher.val,
                                    config=teacher.cfg, num_classes=tasks.teacher.num_classes,
                                    run=teacher.run, augment=augment_of(tasks.teacher), dist=dist,
                                    device=device)
     student = build_network(cfg.student, "student", task, device, seed=cfg.seed)
-    student_ids, teacher_ids = shared_classes(task, tasks.teacher)
     network = teacher.network if teacher is not None else None
     with prepare(network, student, task.train, val=task.val, config=cfg, num_classes=task.num_classes,
                  shared_classes=(student_ids, teacher_ids), run=run_dir, augment=augment_of(task),
@@ -339,7 +345,7 @@ def _train_and_test(cfg: Config, spec: MethodSpec, tasks: Tasks, teacher: Teache
             fit(plan)
         figures = evaluate(cfg, spec, task, student, network, device, dist)
         results = finish(run_dir, cfg, spec, task, student, figures, role="student", info=info,
-                         overlap=len(student_ids), tic=tic, history=plan.history)
+                         overlap=overlap, tic=tic, history=plan.history)
     dist.barrier()
     return results
 
