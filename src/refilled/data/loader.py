@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from refilled.errors import ConfigError
 
-__all__ = ["augment_batch", "crop_flip", "affine_matrices", "stroke_width", "Augment", "TensorLoader", "ClassBalancedSampler", "epoch_generator"]
+__all__ = ["augment_batch", "crop_flip", "affine_matrices", "stroke_width", "Augment", "EpochBatches",
+           "TensorLoader", "ClassBalancedSampler", "epoch_generator"]
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -216,7 +217,67 @@ class ClassBalancedSampler:
         yield from self.batches(epoch_generator(self.seed, epoch))
 
 
-class TensorLoader:
+class EpochBatches:
+    """The batches of an epoch, shared by the in-memory and the streaming loaders.
+
+    Each iteration uses the current epoch (``set_epoch``) and then advances it by one, so
+    ``set_epoch(e)`` before iterating reproduces epoch ``e`` exactly: its batches of indices
+    (a random permutation from ``(seed, epoch)``, or the ``sampler``'s, e.g.
+    :class:`ClassBalancedSampler`) and, under torchrun, the slice of every global batch that
+    this rank reads, with its place in the global batch (for augmentation drawn for the whole
+    batch). ``len()`` is the number of batches.
+    """
+
+    def _plan(self, labels, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, sampler,
+              rank: int, world: int, what: str) -> None:
+        if sampler is not None and getattr(sampler, "batch_size", batch_size) != batch_size:
+            raise ConfigError(f"{what}: batch_size={batch_size} differs from the sampler's {sampler.batch_size}")
+        if batch_size < 1 or (sampler is None and drop_last and batch_size > len(labels)):
+            raise ConfigError(f"{what}: batch_size={batch_size} with drop_last gives no batch from "
+                              f"{len(labels)} samples")
+        if world > 1 and batch_size % world:
+            raise ConfigError(f"{what}: batch_size={batch_size} is not divisible by {world} processes")
+        self.num_samples = len(labels)
+        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
+        self.seed, self.sampler = int(seed), sampler
+        # Under torchrun every rank draws the same global batches and keeps its own slice.
+        self.rank, self.world = int(rank), int(world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.sampler is not None:
+            return len(self.sampler)
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _next_epoch(self) -> tuple[int, torch.Generator]:
+        """This iteration's epoch (the counter moves on) and its generator (shuffling and
+        augmentation)."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return epoch, epoch_generator(self.seed, epoch)
+
+    def _batches(self, generator: torch.Generator, epoch: int):
+        """``(indices this rank reads, (start, total) in the global batch or None)`` per batch."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            batches = iter(self.sampler)
+        else:
+            n = self.num_samples
+            order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+            batches = (order[i: i + self.batch_size] for i in range(0, len(self) * self.batch_size,
+                                                                     self.batch_size))
+        for idx in batches:
+            part = None
+            if self.world > 1:
+                total, per = len(idx), len(idx) // self.world
+                idx, part = idx[self.rank * per:(self.rank + 1) * per], (self.rank * per, total)
+            yield idx, part
+
+
+class TensorLoader(EpochBatches):
     """Batches ``(float images, int64 labels)`` from tensors held on ``device``.
 
     uint8 images are scaled to [0, 1]; float images (a user's own tensors) are used as they
@@ -253,14 +314,8 @@ class TensorLoader:
                               f"{images_uint8.dtype} of shape {tuple(images_uint8.shape)}")
         if len(images_uint8) != len(labels):
             raise ConfigError(f"TensorLoader: {len(images_uint8)} images but {len(labels)} labels")
-        if sampler is not None and getattr(sampler, "batch_size", batch_size) != batch_size:
-            raise ConfigError(
-                f"TensorLoader: batch_size={batch_size} differs from the sampler's {sampler.batch_size}"
-            )
-        if batch_size < 1 or (sampler is None and drop_last and batch_size > len(labels)):
-            raise ConfigError(
-                f"TensorLoader: batch_size={batch_size} with drop_last gives no batch from {len(labels)} samples"
-            )
+        self._plan(labels, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, sampler=sampler,
+                   rank=rank, world=world, what="TensorLoader")
         self.device = torch.device(device)
         self.images = images_uint8.to(self.device).contiguous()
         self.labels = torch.as_tensor(labels).long().to(self.device)
@@ -271,39 +326,11 @@ class TensorLoader:
             self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
             if self.mean.shape[1] not in (1, c) or self.std.shape[1] not in (1, c):
                 raise ConfigError(f"TensorLoader: mean/std need 1 or {c} values for {c}-channel images")
-        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
-        self.augment, self.seed, self.sampler = augment, int(seed), sampler
-        if world > 1 and self.batch_size % world:
-            raise ConfigError(f"TensorLoader: batch_size={batch_size} is not divisible by {world} processes")
-        # Under torchrun every rank draws the same global batches and keeps its own slice.
-        self.rank, self.world, self.channels_last = int(rank), int(world), channels_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        if self.sampler is not None:
-            return len(self.sampler)
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def _batch_indices(self, generator: torch.Generator, epoch: int):
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-            return iter(self.sampler)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        return (order[i : i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size))
+        self.augment, self.channels_last = augment, channels_last
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        gen = epoch_generator(self.seed, epoch)  # shuffling and augmentation of this epoch
-        for idx in self._batch_indices(gen, epoch):
-            part = None
-            if self.world > 1:  # every rank draws the same global batch and keeps its own slice
-                total, per = len(idx), len(idx) // self.world
-                idx, part = idx[self.rank * per:(self.rank + 1) * per], (self.rank * per, total)
+        epoch, gen = self._next_epoch()
+        for idx, part in self._batches(gen, epoch):
             idx = to_device(idx, self.device)
             x = self.images[idx]
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

@@ -19,7 +19,6 @@ used, through ``torch.utils.data.DataLoader`` worker processes.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 import zlib
@@ -29,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from refilled.data.loader import EpochBatches
 from refilled.errors import DataError
 
 __all__ = ["StreamedImages", "StreamLoader", "StreamSettings", "default_workers", "item_tensor",
@@ -294,7 +294,7 @@ class StreamedImages:
 # ------------------------------------------------------------------ training batches
 
 
-class StreamLoader:
+class StreamLoader(EpochBatches):
     """Training batches ``(float images, int64 labels)`` on ``device`` from a
     :class:`StreamedImages` view, with :class:`~refilled.data.loader.TensorLoader`'s semantics
     (see the module docstring); ``set_epoch(e)`` before iterating reproduces epoch ``e``."""
@@ -303,62 +303,28 @@ class StreamLoader:
                  shuffle: bool = True, drop_last: bool = True, augment=None, device="cpu",
                  seed: int = 0, sampler=None, rank: int = 0, world: int = 1,
                  channels_last: bool = False):
-        if sampler is not None and getattr(sampler, "batch_size", batch_size) != batch_size:
-            raise DataError(f"StreamLoader: batch_size={batch_size} differs from the sampler's "
-                            f"{sampler.batch_size}")
-        if batch_size < 1 or (sampler is None and drop_last and batch_size > len(labels)):
-            raise DataError(f"StreamLoader: batch_size={batch_size} with drop_last gives no batch "
-                            f"from {len(labels)} samples")
-        if world > 1 and batch_size % world:
-            raise DataError(f"StreamLoader: batch_size={batch_size} is not divisible by {world} processes")
+        self._plan(labels, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, sampler=sampler,
+                   rank=rank, world=world, what="StreamLoader")
         self.images, self.labels = images, torch.as_tensor(labels).long().cpu()
-        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
-        self.augment, self.seed, self.sampler = augment, int(seed), sampler
+        self.augment, self.channels_last = augment, channels_last
         self.device = torch.device(device)
-        self.rank, self.world, self.channels_last = int(rank), int(world), channels_last
-        self.epoch = 0
         pin = images.settings.pin_memory
         self.pin = self.device.type == "cuda" if pin is None else bool(pin) and torch.cuda.is_available()
-        self._batches = _Batches()
-        self._dataloader = images._loader(images.train_items, self._batches, self.pin)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        if self.sampler is not None:
-            return len(self.sampler)
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def _global_batches(self, generator: torch.Generator, epoch: int) -> list[torch.Tensor]:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-            return list(iter(self.sampler))
-        n = len(self.labels)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        return [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        self._keys = _Batches()
+        self._dataloader = images._loader(images.train_items, self._keys, self.pin)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from refilled.data.loader import epoch_generator
-
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        gen = epoch_generator(self.seed, epoch)  # the batches and the batch-level augmentation
+        epoch, gen = self._next_epoch()  # the batches and the batch-level augmentation
         parts, labels, keys = [], [], []
-        for idx in self._global_batches(gen, epoch):
-            part = None
-            if self.world > 1:  # every rank draws the same global batch and reads its own slice
-                total, per = len(idx), len(idx) // self.world
-                idx, part = idx[self.rank * per:(self.rank + 1) * per], (self.rank * per, total)
+        for idx, part in self._batches(gen, epoch):  # each rank reads its slice of a global batch
             parts.append(part)
             labels.append(self.labels[idx])  # the split's labels (e.g. a class window's), not the items'
             keys.append([(self.seed, epoch, int(i)) for i in self.images.indices[idx]])
-        self._batches.keys = keys
+        self._keys.keys = keys
         for part, y, batch in zip(parts, labels, self._dataloader):
             if isinstance(batch, _Failure):
                 _raise(batch, self.images.what)
-            x = batch[0]
-            x = x.to(self.device, non_blocking=self.pin)
+            x = batch[0].to(self.device, non_blocking=self.pin)
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
             if self.augment is not None:
                 x = self.augment(x, gen) if part is None else self.augment(x, gen, part)
