@@ -213,6 +213,8 @@ def table(rows: list[dict], keys: list[str]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes; nothing appended to RESULTS.md")
+    p.add_argument("--part", choices=("all", "throughput", "memory"), default="all",
+                   help="measure one part only (nothing appended to RESULTS.md)")
     p.add_argument("--child", nargs=4, metavar=("PATH", "ROOT", "SIZE", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -226,23 +228,26 @@ def main() -> int:
     head = (f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, 1 torch thread in the training process (1 in each worker), "
             f"torch {torch.__version__}, load average {load} at start")
-    rows = fashion_rows(workers, batches)
-    folder = make_jpeg_folder(800 if args.quick else 4000)
-    rows += folder_rows(folder, workers, 3 if args.quick else 20)
-    for r in rows:
-        r["keeps up"] = "yes" if r["images/s"] >= r["step images/s"] else "no"
-    text = [f"## data_throughput ({head})", "",
-            "Images per second delivered to the training step (after one warm-up batch), and the "
-            "images per second of the step it feeds:", "",
-            table(rows, ["data", "path", "workers", "images/s", "step", "step images/s", "keeps up"]), ""]
-    sizes = (500, 5000) if args.quick else (5000, 50000)
-    mem, lines, ok = memory_rows(sizes, 224 if not args.quick else 64, 2)
-    text += [f"Peak memory of one epoch over a generated folder of 224x224 JPEGs read at "
-             f"{224 if not args.quick else 64} px, batch 64, 2 workers (a fresh process per row):", "",
-             table(mem, ["images", "path", "main_gb", "worker_gb", "seconds"]), "", *lines, ""]
+    text, ok = [f"## data_throughput ({head})", ""], True
+    if args.part in ("all", "throughput"):
+        rows = fashion_rows(workers, batches)
+        folder = make_jpeg_folder(800 if args.quick else 4000)
+        rows += folder_rows(folder, workers, 3 if args.quick else 20)
+        for r in rows:
+            r["keeps up"] = "yes" if r["images/s"] >= r["step images/s"] else "no"
+        text += ["Images per second delivered to the training step (after one warm-up batch), and "
+                 "the images per second of the step it feeds:", "",
+                 table(rows, ["data", "path", "workers", "images/s", "step", "step images/s",
+                              "keeps up"]), ""]
+    if args.part in ("all", "memory"):
+        sizes = (500, 5000) if args.quick else (5000, 50000)
+        mem, lines, ok = memory_rows(sizes, 224 if not args.quick else 64, 2)
+        text += [f"Peak memory of one epoch over a generated folder of 224x224 JPEGs read at "
+                 f"{224 if not args.quick else 64} px, batch 64, 2 workers (a fresh process per row):",
+                 "", table(mem, ["images", "path", "main_gb", "worker_gb", "seconds"]), "", *lines, ""]
     report = "\n".join(text)
     print(report)
-    if not args.quick:
+    if not args.quick and args.part == "all":
         with open(HERE / "RESULTS.md", "a") as f:
             f.write("\n" + report)
     return 0 if ok else 1

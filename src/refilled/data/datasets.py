@@ -342,10 +342,7 @@ def load_cub200(root, split: str = "train", image_size: int = 84, cache_dir=None
 
     files, labels, class_names = _cub_files(base, split)
     labels = torch.tensor(labels, dtype=torch.int64)
-    images = np.stack([_load_image(f, image_size) for f in files]) if files else (
-        np.zeros((0, 3, image_size, image_size), np.uint8)
-    )
-    out = ImageSet(torch.from_numpy(images), labels, class_names, "cub200")
+    out = ImageSet(_decode_all(files, image_size), labels, class_names, "cub200")
 
     # Written atomically, so a crash never leaves a half-written cache (nor a temporary file).
     try:
@@ -445,10 +442,16 @@ def load_image_folder(root, split=None, image_size: int = 32, grayscale: bool = 
     that cannot be read as an image is an error naming it.
     """
     files, labels, class_names = list_image_folder(root, split, test_fraction, test_seed)
-    arrays = [_load_image(p, image_size, grayscale) for p in files]
-    return ImageSet(
-        torch.from_numpy(np.stack(arrays)),
-        torch.tensor(labels, dtype=torch.int64),
-        class_names,
-        "image_folder",
-    )
+    return ImageSet(_decode_all(files, image_size, grayscale), torch.tensor(labels, dtype=torch.int64),
+                    class_names, "image_folder")
+
+
+def _decode_all(files: list[Path], size: int, grayscale: bool = False) -> torch.Tensor:
+    """Every file decoded and resized into one preallocated uint8 tensor (no list of arrays to
+    stack: the peak memory is the images' own size), with a progress bar on long folders."""
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(files), 1 if grayscale else 3, size, size), dtype=np.uint8)
+    for i, p in enumerate(tqdm(files, desc="decoding images", leave=False, disable=len(files) < 5000)):
+        out[i] = _load_image(p, size, grayscale)
+    return torch.from_numpy(out)
