@@ -298,7 +298,12 @@ def prepare(teacher: nn.Module | None, student: nn.Module, train, *, config: Con
         student_ids, teacher_ids = _shared(shared_classes, num_classes)
     else:
         student_ids = teacher_ids = torch.zeros(0, dtype=torch.long)
-    augment = Augment(**augment) if isinstance(augment, Mapping) else augment
+    if isinstance(augment, Mapping):
+        try:
+            augment = Augment(**augment)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"augment= {dict(augment)!r} is not a set of Augment arguments ({err}); "
+                              "give e.g. {'pad': 4, 'flip': True}") from None
     if augment is not None and not callable(augment):
         raise ConfigError(f"augment= must be None, a dict of Augment arguments or a callable "
                           f"(batch, generator) -> batch, got {type(augment).__name__}")
@@ -377,6 +382,12 @@ def _set_up(plan: Plan) -> None:
             net.to(memory_format=torch.channels_last)
             net.channels_last = True
     shape = "x".join(map(str, plan.example.shape[1:]))
+    channels = int(plan.example.shape[1])
+    for net in nets:
+        if net.mean is not None and net.mean.numel() not in (1, channels):
+            raise ConfigError(f"{spell(net.role + '.mean')} and {spell(net.role + '.std')} give "
+                              f"{net.mean.numel()} values, but the images have {channels} channel(s); "
+                              f"give one value per channel (or one for all)")
     for net in nets:
         with _user_code(f"the {net.role} on a batch of the training images ({shape})",
                         say(f"check {net.role}.arch / {net.role}.kwargs against the data",

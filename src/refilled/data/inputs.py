@@ -137,7 +137,10 @@ def _tensor_split(images, labels, what: str, note: str = "") -> Split:
 def _dataset_split(dataset, what: str, in_memory, settings: StreamSettings, device) -> Split:
     """A Dataset in memory (read once) or streamed (read at every use), chosen by
     :func:`choose_path`."""
-    n = len(dataset)
+    try:
+        n = len(dataset)
+    except Exception as err:  # noqa: BLE001 - the user's Dataset cannot say its size
+        raise DataError(f"{_arg(what)}: the Dataset's len() fails ({type(err).__name__}: {err})") from None
     if n == 0:
         raise DataError(f"{_arg(what)} is an empty Dataset")
     stream, why = choose_path(dataset, what, in_memory, device)

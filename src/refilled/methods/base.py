@@ -152,6 +152,10 @@ def check_needs(spec: MethodSpec, student: "Network", teacher: "Network | None",
     """The method's declared needs against the (probed) networks and the class map."""
     method = spec.name
     without = "refilled, rkd, pkt, sp, at or fitnet"
+    if spec.predictor == "classifier" and not student.has_logits:
+        raise ConfigError(f"method '{method}' trains the student's classifier, but the student gives "
+                          f"no logits ({spell('student.embedding')} is 'output': a feature "
+                          "extractor); give it an nn.Linear classifier")
     if spec.teacher_logits and teacher is not None and not teacher.has_logits:
         raise ConfigError(f"method '{method}' matches the teacher's logits, but the teacher gives "
                           f"none (a feature extractor); use {without}")
