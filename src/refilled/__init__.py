@@ -15,7 +15,7 @@ The Python API::
     centers = refilled.class_centers(teacher_embeddings, labels, num_classes)
 """
 
-__version__ = "0.2.0"
+from refilled.version import __version__  # noqa: E402,F401
 
 from refilled.errors import (
     ConfigError,

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from refilled import __version__
+from refilled.version import __version__
 from refilled.errors import UserError
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -23,9 +23,6 @@ from refilled.config import OptimConfig, spell, say
 from refilled.errors import TrainingDiverged, UserError
 from refilled.files import atomic_torch_save, rng_state, safe_load, set_rng_state
 from refilled.runtime import Dist
-
-if TYPE_CHECKING:  # pragma: no cover
-    from refilled.runs import RunDir
 
 __all__ = ["TrainingDiverged", "load_stage_checkpoint", "make_optimizer", "make_scheduler", "train_stage"]
 
@@ -77,7 +74,7 @@ def train_stage(
     method,
     loader,
     cfg: OptimConfig,
-    run: "RunDir | None",
+    run,
     *,
     seed: int,
     validate: Callable[[], dict] | None = None,
@@ -98,7 +95,8 @@ def train_stage(
     ``validate()`` returns a dict of metrics (computed every ``eval_every`` epochs and at the
     end). After every epoch, the run's ``metrics.csv`` is rewritten with ``earlier_rows`` (the
     finished stages' rows) followed by this stage's. Returns the per-epoch rows of this stage.
-    With ``run=None`` nothing is written and nothing resumed.
+    ``run`` is the run directory (:class:`refilled.runs.RunDir`: its ``checkpoint(stage)`` path
+    and ``write_metrics(rows)``); with ``run=None`` nothing is written and nothing resumed.
 
     Under torchrun (``dist.world > 1``) the method is wrapped in DistributedDataParallel (the
     frozen teacher is not part of it), each rank trains on its share of every global batch,

@@ -326,7 +326,7 @@ _FIGURES = ("test_accuracy", "val_accuracy", "stage1_ncm_accuracy", "stage1_ncm_
 def _describe(run_dir: Path, results: dict, tree: dict, meta: dict, state: dict,
               head_module: str | None) -> dict:
     """config.json's contents (without the ONNX part)."""
-    from refilled import __version__
+    from refilled.version import __version__
 
     teacher = None
     if results.get("teacher") is not None or results.get("teacher_arch") is not None:
