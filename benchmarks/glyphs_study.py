@@ -62,12 +62,18 @@ REGIMES = {"cross": "configs/glyphs-crosstask.yaml", "overlap": "configs/glyphs-
 EPOCHS = {5: (100, 30), 20: (30, 9)}
 REPLICATES = range(5)
 SELECT_REPLICATES = (100, 101)  # selection runs use replicates the study does not report
-ARMS = ("student alone", "label smoothing", "RKD", "KD", "REFILLED", "REFILLED, paper budget",
-        "REFILLED, TPAMI hand-off", "REFILLED, CVPR preset", "REFILLED, random teacher", "teacher NCM")
+NO_SHARED, OLD_HANDOFF = "REFILLED, no shared-class KD", "REFILLED, issue-14 hand-off"
+# The ablation that puts back issue 14's hand-off (None: no issue-23 hand-off candidate won, so
+# the default's hand-off is issue 14's and this arm is not run).
+HANDOFF_ABLATION: str | None = None
+ARMS = ("student alone", "label smoothing", "RKD", "KD", "REFILLED", NO_SHARED, OLD_HANDOFF,
+        "REFILLED, paper budget", "REFILLED, TPAMI hand-off", "REFILLED, CVPR preset",
+        "REFILLED, random teacher", "teacher NCM")
 # Where each arm runs (the rest: every regime). KD needs shared classes; the preset variants and
 # the paper budget answer a question about REFILLED itself, asked where it matters (cross-task).
-ONLY = {"KD": ("overlap", "same"), "REFILLED, paper budget": ("cross",),
-        "REFILLED, TPAMI hand-off": ("cross",), "REFILLED, CVPR preset": ("cross",)}
+ONLY = {"KD": ("overlap", "same"), NO_SHARED: ("overlap", "same"), "REFILLED, paper budget": ("cross",),
+        "REFILLED, TPAMI hand-off": ("cross",), "REFILLED, CVPR preset": ("cross",),
+        **({OLD_HANDOFF: ()} if HANDOFF_ABLATION is None else {})}
 
 
 def refilled(*args: str) -> list[str]:
@@ -101,6 +107,9 @@ def arm_overrides(arm: str, per_class: int, chosen: list[str] | None) -> list[st
         "REFILLED, TPAMI hand-off": ["method=refilled", "stage2.preset=tpami", *two_stage],
         "REFILLED, CVPR preset": ["method=refilled", "stage2.preset=cvpr", *two_stage],
         "REFILLED, random teacher": ["ablation=random_teacher", *two_stage],
+        # issue 23's ablations: the default without one of its new pieces
+        NO_SHARED: ["ablation=no_shared_kd", *two_stage],
+        OLD_HANDOFF: [f"ablation={HANDOFF_ABLATION}", *two_stage],
         "teacher NCM": ["method=teacher_ncm"],
         # selection only: stage 1 alone, judged by its NCM classifier on validation
         "REFILLED stage 1": ["ablation=stage1_only", f"stage1.optim.epochs={stage1}"],
@@ -141,7 +150,43 @@ SELECT_GRID = {
 }
 # These take REFILLED's chosen settings: the paper budget (only stage 2 is longer) and the random
 # teacher (the ablation that changes nothing but the teacher's weights).
-SELECTED_AS = {"REFILLED, paper budget": "REFILLED", "REFILLED, random teacher": "REFILLED"}
+SELECTED_AS = {"REFILLED, paper budget": "REFILLED", "REFILLED, random teacher": "REFILLED",
+               NO_SHARED: "REFILLED", OLD_HANDOFF: "REFILLED"}
+
+# Issue 23: the choices of issue 14's selection are reused for every arm whose code did not
+# change (student alone, label smoothing, RKD, KD, REFILLED's learning rates, lambda and batches,
+# the presets); they are read from RECORDED (benchmarks/glyphs_study.json, "selected"). The new
+# pieces are chosen the same way, on 5 images per class and replicates 100 and 101, as explicit
+# candidates on top of REFILLED's recorded cross-task choice: the shared-class KD term where
+# classes are shared (overlap, same), the hand-off candidates across alphabets (cross), each run
+# with `refilled run` and labelled "ARM, <its overrides>".
+RECORDED = ROOT / "benchmarks" / "glyphs_study_issue14_selection.json"
+CANDIDATES = {
+    "REFILLED shared-class KD": (("overlap", "same"), [
+        ("stage2.shared_kd=0",),
+        *[(f"stage2.shared_kd={w}", f"stage2.shared_kd_temperature={t}") for w in (0.5, 1, 2) for t in (2, 4)],
+        # added after the first grid: its best (weight 0.5, T 2) was on the grid's edge
+        *[(f"stage2.shared_kd={w}", f"stage2.shared_kd_temperature={t}") for w, t in ((0.25, 1), (0.25, 2), (0.5, 1))],
+    ]),
+    "REFILLED hand-off": (("cross",), [
+        ("stage2.head_init=random",),  # the hand-off of issue 14 (rescale only)
+        *[("stage2.head_init=imprint", f"stage2.imprint_scale={s}") for s in (5, 10, 20)],
+        *[(f"stage2.relation_weight={w}",) for w in (0.1, 1)],
+        ("stage1.budget_share=0.5",),
+        # added after the first round (imprinting best at the largest scale, 20; relation 0.1 level
+        # with it): a larger scale, a lower stage-2 rate for the imprinted start, both together
+        ("stage2.head_init=imprint", "stage2.imprint_scale=40"),
+        ("stage2.head_init=imprint", "stage2.imprint_scale=20", "train.lr=0.1"),
+        ("stage2.relation_weight=0.3",),
+        ("stage2.head_init=imprint", "stage2.imprint_scale=20", "stage2.relation_weight=0.1"),
+    ]),
+    # Not a selection: the chosen hand-off (stage 1's loss kept at weight 0.1) with the chosen
+    # shared-class KD, where classes are shared; compared with that KD alone (the
+    # "REFILLED shared-class KD" runs of the same settings) to check that it does not hurt there.
+    "REFILLED hand-off check": (("overlap", "same"), [
+        ("stage2.shared_kd=0.5", "stage2.shared_kd_temperature=2", "stage2.relation_weight=0.1"),
+    ]),
+}
 
 
 def run_all(commands: list[list[str]], jobs: int) -> None:
@@ -191,6 +236,76 @@ def select_commands(arms=None) -> list[list[str]]:
     return cmds
 
 
+def recorded_selection() -> dict:
+    """Issue 14's selection (every candidate's validation accuracies and the choices)."""
+    return json.loads(RECORDED.read_text())
+
+
+def _candidate_dir(arm: str, regime: str, k: int, per_class: int = 5) -> Path:
+    return _select_dir(arm, regime if per_class == 5 else f"{regime}-{per_class}pc", k)
+
+
+def candidate_commands(arms=None, per_class: int = 5, replicates=SELECT_REPLICATES,
+                       only=None) -> list[list[str]]:
+    """One run per (candidate, regime, selection replicate) of the issue-23 candidates (``only``:
+    the candidates whose overrides are in it; other sizes and replicates: checks, not the
+    selection)."""
+    base = recorded_selection()["REFILLED | cross"]
+    cmds = []
+    for arm, (regimes, candidates) in CANDIDATES.items():
+        if arms and arm not in arms:
+            continue
+        if only:
+            candidates = [c for c in candidates if " ".join(c) in only]
+        for regime in regimes:
+            for k in replicates:
+                for cand in candidates:
+                    mine = {c.split("=")[0] for c in cand}  # a candidate's key replaces the base's
+                    kept = [b for b in base if b.split("=")[0] not in mine]
+                    cmds.append(refilled(
+                        "run", REGIMES[regime], *arm_overrides("REFILLED", per_class, kept), *cand,
+                        f"data.train_per_class={per_class}", f"seed={k}", f"data.split_seed={k}",
+                        f"teacher.checkpoint={teacher_dir()}", f"arm={arm}, {' '.join(cand)}",
+                        "progress=false", f"out_dir={_candidate_dir(arm, regime, k, per_class)}"))
+    return cmds
+
+
+def read_candidates() -> dict:
+    """Per (candidate arm, regime): the candidate with the best mean validation accuracy over
+    the selection replicates, and every candidate's validation accuracies (%), as
+    :func:`read_selection` gives them."""
+    from refilled.report import collect
+
+    chosen: dict = {}
+    for arm, (regimes, candidates) in CANDIDATES.items():
+        expected = {" ".join(c) for c in candidates}
+        for regime in regimes:
+            scores: dict[str, list[float]] = {}
+            for k in SELECT_REPLICATES:
+                folder = _select_dir(arm, regime, k)
+                for r in collect(folder) if folder.is_dir() else []:
+                    cand = r["arm"].split(", ", 1)[1]
+                    if cand in expected:
+                        scores.setdefault(cand, []).append(100 * r["val_accuracy"])
+            if not scores:
+                continue
+            done = {c: v for c, v in scores.items() if len(v) == len(SELECT_REPLICATES)}
+            if set(done) != expected:
+                print(f"selection for {arm} ({regime}) is incomplete: {len(done)} of "
+                      f"{len(expected)} candidates have both replicates", file=sys.stderr)
+            if done:
+                best = max(done, key=lambda c: sum(done[c]) / len(done[c]))
+                chosen[f"{arm} | {regime}"] = best.split(" ")
+                chosen[f"{arm} | {regime} (validation)"] = scores
+        if len(regimes) > 1 and all(f"{arm} | {r}" in chosen for r in regimes):
+            # one default for every regime: the best mean over the regimes and replicates
+            per = [chosen[f"{arm} | {r} (validation)"] for r in regimes]
+            both = {c: [v for p in per for v in p[c]] for c in per[0]
+                    if all(len(p.get(c, [])) == len(SELECT_REPLICATES) for p in per)}
+            chosen[f"{arm} | {'+'.join(regimes)}"] = max(both, key=lambda c: sum(both[c]) / len(both[c])).split(" ")
+    return chosen
+
+
 def _setting(label: str, grid: dict) -> tuple[str, ...]:
     """The grid values of a sweep cell, from its arm label ``"ARM, key=v, ..."``."""
     found = dict(part.split("=", 1) for part in label.split(", ") if "=" in part)
@@ -222,6 +337,14 @@ def read_selection() -> dict:
             best = max(scores, key=lambda st: sum(scores[st]) / len(scores[st]))
             chosen[f"{arm} | {regime}"] = list(best)
             chosen[f"{arm} | {regime} (validation)"] = {" ".join(st): v for st, v in scores.items()}
+    return chosen
+
+
+def selection() -> dict:
+    """The settings every arm runs with: issue 14's recorded selection (arms whose code did not
+    change), updated with the issue-23 candidates' choices found under ``OUT/select``."""
+    chosen = dict(recorded_selection())
+    chosen.update(read_candidates())
     return chosen
 
 
@@ -290,7 +413,7 @@ def paired(records, arm, base, field="test_accuracy", base_field="test_accuracy"
 
 
 CONTROLS = ("student alone", "label smoothing", "REFILLED, random teacher")
-GOALS = {5: 5.0, 20: 3.0}  # issue 14: REFILLED over the best teacher-free control, cross-task
+GOALS = {5: 5.0, 20: 3.0}  # issues 14, 23: REFILLED over the best teacher-free control, cross-task
 
 
 def best_control(records) -> str:
@@ -357,12 +480,18 @@ def analyse(regimes, sizes):
                "paper_budget_vs_best_control": _stats(paired(records, "REFILLED, paper budget", control)),
                # the teacher-based baselines, tuned the same way (KD only where classes are shared)
                "vs_kd": _stats(paired(records, "REFILLED", "KD")),
-               "vs_rkd": _stats(paired(records, "REFILLED", "RKD"))}
+               "vs_rkd": _stats(paired(records, "REFILLED", "RKD")),
+               # issue 23's ablations: what each new piece adds, paired
+               "vs_no_shared_kd": _stats(paired(records, "REFILLED", NO_SHARED)),
+               "vs_issue14_handoff": _stats(paired(records, "REFILLED", OLD_HANDOFF))}
         if regime == "cross" and per_class in GOALS and row["vs_best_control"]:
             g, own = row["vs_best_control"], row["vs_own_stage1_ncm"]
             row["goal"] = {"points": GOALS[per_class],
                            "beats_control_by_goal": g["mean"] >= GOALS[per_class] and g["significant"],
+                           "paired_mean_at_least_goal": g["mean"] >= GOALS[per_class],
                            "at_least_own_stage1_ncm": own is not None and own["mean"] >= 0}
+        if regime != "cross" and row["vs_kd"]:  # issue 23: at least as good as tuned KD
+            row["goal"] = {"kd_paired_mean_at_least_0": row["vs_kd"]["mean"] >= 0}
         answer.append(row)
     return "\n".join(lines), cells, answer
 
@@ -383,8 +512,8 @@ def summary_table(cells, answer) -> str:
 
     lines = ["| regime | img/class | n | student alone | best control (on val.) | REFILLED | its stage-1 NCM "
              "| teacher NCM | REFILLED − best control | REFILLED − random teacher | REFILLED − its stage-1 NCM "
-             "| REFILLED − KD | REFILLED − RKD |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| REFILLED − KD | REFILLED − RKD | REFILLED − no shared-class KD | REFILLED − issue-14 hand-off |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in answer:
         records = cells[(row["regime"], row["per_class"])]
         n = len({r["seed"] for r in records if r["arm"] == "REFILLED"})
@@ -393,7 +522,8 @@ def summary_table(cells, answer) -> str:
                      f"{acc(records, 'REFILLED', 'stage1_ncm_accuracy')} | {acc(records, 'teacher NCM')} | "
                      f"{gain(row.get('vs_best_control'))} | {gain(row.get('vs_random'))} | "
                      f"{gain(row.get('vs_own_stage1_ncm'))} | {gain(row.get('vs_kd'))} | "
-                     f"{gain(row.get('vs_rkd'))} |")
+                     f"{gain(row.get('vs_rkd'))} | {gain(row.get('vs_no_shared_kd'))} | "
+                     f"{gain(row.get('vs_issue14_handoff'))} |")
     return "\n".join(lines)
 
 
@@ -414,6 +544,27 @@ def selection_table(selected: dict) -> str:
     return "\n".join(lines)
 
 
+def candidates_table(selected: dict, arm: str) -> str:
+    """The issue-23 candidates of ``arm``: validation accuracy per regime and selection replicate,
+    the mean over everything; the chosen one (best mean over all its regimes) in bold."""
+    regimes, candidates = CANDIDATES[arm]
+    key = f"{arm} | {'+'.join(regimes)}" if len(regimes) > 1 else f"{arm} | {regimes[0]}"
+    best = " ".join(selected.get(key, []))
+    head = " | ".join(f"{r}, k = {' / '.join(map(str, SELECT_REPLICATES))}" for r in regimes)
+    lines = [f"| candidate | {head} | mean |", "|---|" + "---|" * len(regimes) + "---|"]
+    rows = []
+    for cand in (" ".join(c) for c in candidates):
+        per = [selected.get(f"{arm} | {r} (validation)", {}).get(cand, []) for r in regimes]
+        flat = [v for p in per for v in p]
+        mean = sum(flat) / len(flat) if flat else float("nan")
+        rows.append((mean, cand, per))
+    for mean, cand, per in sorted(rows, key=lambda r: -r[0]):
+        mark = (lambda t: f"**{t}**") if cand == best else (lambda t: t)
+        cells = " | ".join(" / ".join(f"{v:.1f}" for v in p) or "—" for p in per)
+        lines.append(f"| {mark(cand)} | {cells} | {mark(f'{mean:.1f}')} |")
+    return "\n".join(lines)
+
+
 def plot(cells, path: Path) -> None:
     import matplotlib
 
@@ -422,7 +573,7 @@ def plot(cells, path: Path) -> None:
 
     from refilled.stats import ci95, mean_std
 
-    shown = ["label smoothing", "RKD", "KD", "REFILLED", "REFILLED, paper budget",
+    shown = ["label smoothing", "RKD", "KD", "REFILLED", NO_SHARED, OLD_HANDOFF, "REFILLED, paper budget",
              "REFILLED, TPAMI hand-off", "REFILLED, CVPR preset", "REFILLED, random teacher", "teacher NCM"]
     keys = list(cells)
     fig, ax = plt.subplots(figsize=(11, 4.2))
@@ -483,12 +634,16 @@ def teacher_geometry() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["teacher", "select", "run", "prune", "analyse"])
+    p.add_argument("step", choices=["teacher", "select", "candidates", "run", "prune", "analyse"])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--regimes", default="cross,overlap,same")
     p.add_argument("--sizes", default="5,20")
     p.add_argument("--arms", default=None, help="only these arms, separated by ';'")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--per-class", type=int, default=5, help="candidates: images per class")
+    p.add_argument("--replicates", default=",".join(map(str, SELECT_REPLICATES)),
+                   help="candidates: the (unreported) replicates to run")
+    p.add_argument("--only", default=None, help="candidates: only these, separated by ';'")
     p.add_argument("--reverse", action="store_true",
                    help="last command first: a second process on the same grid meets the first "
                         "in the middle (a run another process holds is waited for, then skipped)")
@@ -500,27 +655,40 @@ def main() -> None:
         cmds = [refilled("run", *TEACHER_CMD)]
     elif args.step == "select":
         cmds = select_commands(args.arms.split(";") if args.arms else None)
+    elif args.step == "candidates":
+        cmds = candidate_commands(args.arms.split(";") if args.arms else None, args.per_class,
+                                  [int(k) for k in args.replicates.split(",")],
+                                  args.only.split(";") if args.only else None)
     elif args.step == "run":
-        cmds = study_commands(regimes, sizes, read_selection())
+        cmds = study_commands(regimes, sizes, selection())
         if args.arms:
             cmds = [c for c in cmds if any(f"arm={a}" in c for a in args.arms.split(";"))]
     elif args.step == "prune":
-        prune(regimes, sizes, read_selection())
+        prune(regimes, sizes, selection())
         return
     else:
-        selected = read_selection()
+        selected = selection()
         table, cells, answer = analyse(regimes, sizes)
         plot(cells, ROOT / "benchmarks" / "glyphs_study.png")
         summary = summary_table(cells, answer)
         print(selection_table(selected))
         print()
+        keep = ("arm", "seed", "val_accuracy", "test_accuracy", "stage1_ncm_accuracy",
+                "stage1_ncm_val_accuracy", "stage1_embedding_norm", "teacher_test_accuracy",
+                "handoff", "head_init", "shared_kd", "wall_seconds", "config_digest", "run_dir")
+        runs = [{"regime": regime, "per_class": per_class, **{k: r.get(k) for k in keep}}
+                for (regime, per_class), records in cells.items()
+                for r in sorted(records, key=lambda r: (ARMS.index(r["arm"]) if r["arm"] in ARMS else 99, r["seed"]))]
+        for arm in CANDIDATES:
+            print(f"{arm}:\n{candidates_table(selected, arm)}\n")
         out = {"table": table, "summary": summary, "selection": selection_table(selected),
-               "selected": selected, "answer": answer,
+               "candidates": {arm: candidates_table(selected, arm) for arm in CANDIDATES},
+               "selected": selected, "answer": answer, "runs": runs,
                "teacher_geometry": teacher_geometry()}
         print(table)
         print()
         print(summary)
-        print(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=1))
+        print(json.dumps({k: v for k, v in out.items() if k not in ("table", "runs")}, indent=1))
         from refilled.files import atomic_write_text
 
         atomic_write_text(ROOT / "benchmarks" / "glyphs_study.json", json.dumps(out, indent=1) + "\n")

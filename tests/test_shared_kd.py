@@ -197,7 +197,7 @@ def overlap_task():
 def _fit(teacher, train, **settings):
     torch.manual_seed(1)
     student = Student()
-    refilled.distill(teacher, student, train, stage1_epochs=2, stage2_epochs=2, batch_size=20,
+    refilled.distill(teacher, student, train, stage1_epochs=2, stage2_epochs=3, batch_size=20,
                      m_per_class=4, lr=0.05, device="cpu", progress=False, **settings)
     return student
 
@@ -215,7 +215,7 @@ def test_the_term_is_exactly_absent_without_shared_class_weight_or_logits(overla
     assert none.refilled_history.notes["shared_kd"].startswith("off (no class shared")
     assert _same_weights(off, none)
     on = _fit(teacher, train, stage2={"shared_kd": 1.0}, shared_classes=ids)
-    assert on.refilled_history.notes["shared_kd"] == "on: 2 shared classes, weight 1, temperature 4"
+    assert on.refilled_history.notes["shared_kd"] == "on: 2 shared classes, weight 1, temperature 2"
     assert on.refilled_history[-1]["shared_kd"] > 0 and not _same_weights(off, on)
     # a feature-extractor teacher (its embedding is its output): no logits, no term
     features = nn.Sequential(*list(teacher)[:3])
@@ -223,6 +223,30 @@ def test_the_term_is_exactly_absent_without_shared_class_weight_or_logits(overla
     b = _fit(features, train, stage2={"shared_kd": 0.0}, teacher_embedding="output")
     assert a.refilled_history.notes["shared_kd"] == "off (the teacher gives no logits: a feature extractor)"
     assert _same_weights(a, b)
+
+
+# What REFILLED gave before issue 23 with classes 3 and 4 shared (the code of commit 03db1db,
+# which had no shared-class term): the loss of each epoch and the sum of the student's parameters.
+ISSUE14_LOSSES = [0.75009, 0.526214, 2.071677, 1.576656, 1.494857]
+ISSUE14_PARAMETER_SUM = 52.47686314955354
+
+
+def test_with_the_new_pieces_off_refilled_is_what_it_was(overlap_task):
+    teacher, train, ids = overlap_task
+    old = _fit(teacher, train, stage2={"shared_kd": 0.0, "relation_weight": 0.0}, shared_classes=ids)
+    assert [r["loss"] for r in old.refilled_history] == pytest.approx(ISSUE14_LOSSES, rel=1e-5)
+    assert float(sum(p.detach().double().sum() for p in old.parameters())) == pytest.approx(
+        ISSUE14_PARAMETER_SUM, rel=1e-6)
+
+
+def test_the_default_distils_the_shared_classes(overlap_task):
+    teacher, train, ids = overlap_task
+    default = _fit(teacher, train, shared_classes=ids)
+    assert default.refilled_history.notes["shared_kd"] == "on: 2 shared classes, weight 0.5, temperature 2"
+    assert all(r["shared_kd"] > 0 for r in default.refilled_history if r["stage"] == "stage2")
+    ablated = _fit(teacher, train, shared_classes=ids, ablation="no_shared_kd")
+    assert ablated.refilled_history.notes["shared_kd"] == "off (stage2.shared_kd = 0)"
+    assert not _same_weights(default, ablated)
 
 
 def test_shared_ids_outside_the_networks_are_refused_in_the_callers_words(overlap_task):
@@ -264,7 +288,7 @@ def test_windows_give_the_class_map_and_an_external_teacher_turns_the_term_off(t
     path.write_text(yaml.safe_dump({**tree, "out_dir": str(tmp_path / "runs")}))
     code, res, err = run_cli(capsys, "run", path, "stage2.shared_kd=1")
     assert code == 0, err
-    assert res["overlap"] == 3 and res["shared_kd"] == "on: 3 shared classes, weight 1, temperature 4"
+    assert res["overlap"] == 3 and res["shared_kd"] == "on: 3 shared classes, weight 1, temperature 2"
     # the same with a teacher of 1000 outputs (teacher.kwargs): REFILLED runs, the term is off
     models = tmp_path / "user_teacher.py"
     models.write_text("import torch.nn as nn\n\n\ndef teacher(num_classes):\n"

@@ -249,7 +249,8 @@ def imprint_classifier(student, train, num_classes: int, scale: float, dist=None
         why = "the classifier's logits are not a linear map of the embedding"
         return {"head_init": f"random ({why})", "warning": f"stage 2's classifier not imprinted: {why}"}
     ncm = (logits.argmax(1) == labels[: len(few)]).double().mean().item()
-    return {"head_init": f"imprinted (scale {scale:g}; training-image accuracy {100 * ncm:.1f}%)"}
+    return {"head_init": f"imprinted (scale {scale:g}; accuracy {100 * ncm:.1f}% on {len(few)} "
+                         "training images)"}
 
 
 def stage_budgets(cfg) -> tuple:
