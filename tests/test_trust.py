@@ -340,6 +340,32 @@ def test_prepare_then_fit_and_a_plan_closed_unfitted():
     assert not any(m._forward_pre_hooks for m in teacher.modules())
 
 
+def test_a_schedule_of_few_steps_is_named_before_training(no_step):
+    """The defaults' 128-image batches on 60 images: one step an epoch, 10 a stage. Said
+    once per stage, with what to change, pointing at the caller's line; not said when the
+    schedule has steps enough (each stage's own batch size and epochs count)."""
+    x, y = X, Y
+    assert len(y) == 60
+    with pytest.warns(UserWarning) as said, pytest.raises(AssertionError, match="optimizer step"):
+        refilled.distill(sequential_teacher(), FcStudent(5), (x, y), device="cpu", progress=False)
+    lines = [str(w.message) for w in said if "SGD step" in str(w.message)]
+    assert lines == [
+        "refilled: stage 1 takes only 10 SGD steps (60 training images, batch_size=128: 1 step an "
+        "epoch, stage1_epochs=10); a network trained from scratch needs hundreds: give it a smaller "
+        "batch size or more epochs",
+        "refilled: stage 2 takes only 10 SGD steps (60 training images, batch_size=128: 1 step an "
+        "epoch, stage2_epochs=10); a network trained from scratch needs hundreds: give it a smaller "
+        "batch size or more epochs"]
+    assert all(w.filename == __file__ for w in said if "SGD step" in str(w.message))
+    cfg = refilled.make_config(settings={"train.batch_size": 20, "train.epochs": 10,
+                                         "stage1.optim.batch_size": 10, "stage1.optim.epochs": 4})
+    spec = distillation.method_spec("refilled")
+    assert [line.split(" (")[0] for line in distillation.few_steps(cfg, spec, 100)] == [
+        "stage 1 takes only 40 SGD steps"]  # stage 2: 5 x 10 = 50, enough
+    assert distillation.few_steps(cfg, distillation.method_spec("ce"), 100) == []
+    assert distillation.few_steps(cfg, spec, 200) == []
+
+
 # ------------------------------------------------------------------ the loss modules and functions
 
 

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -240,6 +241,39 @@ def check_batches(cfg: Config, spec: MethodSpec, labels: torch.Tensor, num_class
             )
 
 
+def _outside_refilled() -> int:
+    """The ``stacklevel`` of the first caller outside the package (a warning points at the
+    user's line, whether they called :func:`distill`, :func:`prepare` or the CLI did)."""
+    here = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+FEW_STEPS = 50  # fewer SGD steps than this in a stage trains a network from scratch hardly at all
+
+
+def few_steps(cfg: Config, spec: MethodSpec, num_images: int) -> list[str]:
+    """A line for each stage whose schedule takes fewer than :data:`FEW_STEPS` SGD steps on
+    ``num_images`` training images (``max(1, N // batch_size)`` steps an epoch on either path):
+    what it is and what to change. Not an error: a short run can be meant (a smoke test)."""
+    lines = []
+    schedules = list(spec.schedules(cfg))
+    for i, (key, optim, _) in enumerate(schedules):
+        per_epoch = max(1, num_images // optim.batch_size)
+        steps = optim.epochs * per_epoch
+        if steps < FEW_STEPS:
+            what = f"stage {i + 1}" if len(schedules) > 1 else "training"
+            lines.append(
+                f"{what} takes only {steps} SGD step{'s' * (steps > 1)} ({num_images} training "
+                f"images, {setting(key + '.batch_size', optim.batch_size)}: {per_epoch} step"
+                f"{'s' * (per_epoch > 1)} an epoch, {setting(key + '.epochs', optim.epochs)}); a "
+                "network trained from scratch needs hundreds: give it a smaller batch size or more "
+                "epochs")
+    return lines
+
+
 def _loader(split: Split, optim, *, seed: int, device, dist: Dist, augment, channels_last: bool):
     """The training batches of a split: in memory (one tensor on the device) or streamed
     (read at every use by worker processes); the same batches either way."""
@@ -327,6 +361,9 @@ def prepare(teacher: nn.Module | None, student: nn.Module, train, *, config: Con
         _set_up(plan)
         check_needs(spec, student_net, teacher_net, plan.student_ids, plan.teacher_ids)
         check_batches(cfg, spec, train.labels, num_classes, dist)
+        if dist.is_main:
+            for line in few_steps(cfg, spec, len(train.labels)):
+                warnings.warn(f"refilled: {line}", stacklevel=_outside_refilled())
         if run is None and run_dir is not None:
             plan.run, plan._owns_run = RunDir.open(run_dir, cfg, rank=dist.rank), True
         if plan.run is not None:
