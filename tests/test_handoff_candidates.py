@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from test_shared_kd import _fit, _same_weights
+
 import refilled
 from refilled.config import PRESETS, make_config
 from refilled.errors import ConfigError
@@ -157,16 +159,6 @@ def test_presets_switch_the_candidates_off_and_keys_are_checked():
 # ------------------------------------------------------------------ end to end (distill)
 
 
-class Student(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, inputs):
-        return self.fc(self.body(inputs).mean(dim=(2, 3)))
-
-
 @pytest.fixture(scope="module")
 def cross_task():
     from sklearn.datasets import load_digits
@@ -180,18 +172,6 @@ def cross_task():
                      device="cpu", progress=False)
     idx = torch.cat([(y == c).nonzero().flatten()[:12] for c in range(5, 10)])
     return teacher, (x[idx], y[idx] - 5)
-
-
-def _fit(teacher, train, **settings):
-    torch.manual_seed(1)
-    student = Student()
-    refilled.distill(teacher, student, train, stage1_epochs=2, stage2_epochs=3, batch_size=20,
-                     m_per_class=4, lr=0.05, device="cpu", progress=False, **settings)
-    return student
-
-
-def _same_weights(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 # What REFILLED gave before issue 23 on this tiny task (the code of commit 03db1db): the loss of

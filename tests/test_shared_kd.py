@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from test_api import FcStudent
 from tiny import run_cli, tiny
 
 import refilled
@@ -172,14 +173,9 @@ def _digits():
     return x, torch.tensor(digits.target)
 
 
-class Student(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, inputs):
-        return self.fc(self.body(inputs).mean(dim=(2, 3)))
+def Student() -> nn.Module:
+    """A small CNN student with a 5-way classifier (test_api's, sized for 5 classes)."""
+    return FcStudent(5)
 
 
 @pytest.fixture(scope="module")
