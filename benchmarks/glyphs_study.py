@@ -155,7 +155,7 @@ SELECTED_AS = {"REFILLED, paper budget": "REFILLED", "REFILLED, random teacher":
 
 # Issue 23: the choices of issue 14's selection are reused for every arm whose code did not
 # change (student alone, label smoothing, RKD, KD, REFILLED's learning rates, lambda and batches,
-# the presets); they are read from RECORDED (benchmarks/glyphs_study.json, "selected"). The new
+# the presets); they are read from RECORDED (issue 14's "selected", kept in its own file). The new
 # pieces are chosen the same way, on 5 images per class and replicates 100 and 101, as explicit
 # candidates on top of REFILLED's recorded cross-task choice: the shared-class KD term where
 # classes are shared (overlap, same), the hand-off candidates across alphabets (cross), each run
