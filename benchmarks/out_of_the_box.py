@@ -17,7 +17,7 @@ Only ``distill``'s public keywords are used (``val=``, ``method=``, ``stage2_epo
 passes ``lr``, ``stage1_lr``, ``lam``, ``stage1_epochs``, ``stage2_epochs``, ``batch_size``,
 ``m_per_class``), and each student is a plain ``nn.Module`` without input statistics (uint8
 images reach it as [0, 1] floats). The window tasks' teachers are refilled's own teacher runs
-(the demo's, trained once per seed's split; the glyphs study's), handed over as modules that
+(the demo's, trained for each seed's split; the glyphs study's), handed over as modules that
 take [0, 1] images. A seed draws the student's training and validation images
 and initialises the student; the test split is read once per run, after training, and never
 for a choice. Validation images: 20 per class (digits), 100 (fashion), 3 (glyphs).
@@ -95,8 +95,10 @@ def digits_task(seed: int) -> dict:
 
 def window_task(config: str, overrides: list[str], seed: int, key: str) -> dict:
     """A class-window task of a refilled config: the splits of ``data.split_seed=seed``, the
-    config's teacher (trained once by refilled and reused, or the given checkpoint) as a plain
-    module over [0, 1] images, a fresh student of the config's architecture."""
+    teacher of those splits as a plain module over [0, 1] images (the config's checkpoint, or
+    the one refilled trains for them, in its own run directory, as ``refilled run`` would), a
+    fresh student of the config's architecture. Teachers are cached by (task, seed): which seeds
+    share a process never changes a result."""
     import refilled
     from refilled.config import load_config
     from refilled.distillation import prepare
@@ -106,7 +108,7 @@ def window_task(config: str, overrides: list[str], seed: int, key: str) -> dict:
 
     cfg = load_config(config, [*overrides, f"data.split_seed={seed}", "progress=false", "device=cpu"])
     tasks = PROTOCOLS["distill"].tasks(cfg)
-    if key not in _TEACHERS:
+    if (key, seed) not in _TEACHERS:
         teacher = make_teacher(cfg, tasks, torch.device("cpu"), Dist())
         if not teacher.ready:  # refilled trains it as a run would (its own run directory)
             t = tasks.teacher
@@ -115,13 +117,13 @@ def window_task(config: str, overrides: list[str], seed: int, key: str) -> dict:
                                    device=torch.device("cpu"))
             train_teacher(teacher, t, torch.device("cpu"), Dist())
         teacher.close()
-        _TEACHERS[key] = teacher.network.eval()  # takes [0, 1] images, normalises inside
+        _TEACHERS[key, seed] = teacher.network.eval()  # takes [0, 1] images, normalises inside
     task = tasks.student
     s_ids, t_ids = shared_classes(task, tasks.teacher)
     torch.manual_seed(seed)
     student = refilled.create_model(cfg.student.arch, task.num_classes, int(task.train.images.shape[1]))
     return {"train": (task.train.images, task.train.labels), "val": (task.val.images, task.val.labels),
-            "test": (task.test.images, task.test.labels), "teacher": _TEACHERS[key],
+            "test": (task.test.images, task.test.labels), "teacher": _TEACHERS[key, seed],
             "student": student, "shared": (s_ids, t_ids) if len(s_ids) else None}
 
 
