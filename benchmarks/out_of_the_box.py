@@ -226,9 +226,18 @@ def run_grid(tasks, seeds, arms, candidate: str, split: str) -> list[dict]:
     return out
 
 
-def _records(split: str, arm: str, candidate: str) -> dict:
-    folder = OUT / split / f"{arm}-{_slug(candidate)}"
+def _load(folder: Path) -> dict:
+    """The records in ``folder`` (one arm and candidate), by (task, seed)."""
     return {(r["task"], r["seed"]): r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))}
+
+
+def _records(split: str, arm: str, candidate: str) -> dict:
+    return _load(OUT / split / f"{arm}-{_slug(candidate)}")
+
+
+def _paired_seeds(ce: dict, rf: dict, task: str) -> list[int]:
+    """The seeds of ``task`` that both arms ran (the differences are paired by seed)."""
+    return sorted(s for (t, s) in rf if t == task and (t, s) in ce)
 
 
 def table(candidate: str = "") -> str:
@@ -247,7 +256,7 @@ def table(candidate: str = "") -> str:
              "not below CE |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
-        seeds = sorted(s for (t, s) in rf if t == task and (t, s) in ce)
+        seeds = _paired_seeds(ce, rf, task)
         if not seeds:
             continue
         a = [ce[(task, s)] for s in seeds]
@@ -269,16 +278,12 @@ def probes_table() -> str:
     task, CE's and REFILLED's mean validation accuracy and their paired difference."""
     from refilled.stats import mean_std
 
-    folders = sorted((OUT / "val").glob("refilled-*"))
     lines = ["| candidate | task | n | CE val (%) | REFILLED val (%) | REFILLED − CE (pts, ± std) |",
              "|---|---|---|---|---|---|"]
-    for folder in folders:
-        slug = folder.name[len("refilled-"):]
-        rf = {(r["task"], r["seed"]): r for r in (json.loads(p.read_text()) for p in folder.glob("*.json"))}
-        ce_dir = OUT / "val" / f"ce-{slug}"
-        ce = {(r["task"], r["seed"]): r for r in (json.loads(p.read_text()) for p in ce_dir.glob("*.json"))}
+    for folder in sorted((OUT / "val").glob("refilled-*")):
+        rf, ce = _load(folder), _load(OUT / "val" / f"ce-{folder.name[len('refilled-'):]}")
         for task in TASKS:
-            seeds = sorted(k for (t, k) in rf if t == task and (t, k) in ce)
+            seeds = _paired_seeds(ce, rf, task)
             if not seeds:
                 continue
             a = [100 * ce[(task, k)]["val_accuracy"] for k in seeds]
